@@ -1,0 +1,131 @@
+"""Named image encoders, built from code with no downloads.
+
+ResNet-18/50 (He et al. 2016, "Deep Residual Learning for Image Recognition") in two
+stems: the ImageNet stem (7x7/2 convolution + 3x3/2 max-pool) for 96 px and larger
+inputs, and the small-image stem (one 3x3/1 convolution, no max-pool) that CIFAR-style
+self-supervised work uses for 28-64 px inputs, where the ImageNet stem would throw
+away most of the image before the first block.
+
+Every encoder takes images with values in [0, 255] (uint8 or float) of a fixed shape,
+normalizes them inside the model (so a served or reloaded encoder needs no outside
+preprocessing), and returns the globally pooled feature vector: the representation
+that self-supervised papers evaluate with kNN and linear probes, before any
+projection head.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+# BatchNorm settings of the reference PyTorch ResNets (momentum 0.1 there = 0.9 here).
+_BN = dict(momentum=0.9, epsilon=1e-5)
+
+# (block kind, blocks per stage)
+_DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+_STEMS = ("imagenet", "small")
+
+BACKBONES = ("resnet18", "resnet50", "resnet18_small", "resnet50_small")
+
+
+@keras.saving.register_keras_serializable(package="ssl_zoo")
+class ImageNormalization(layers.Layer):
+    """Maps [0, 255] pixels to (x / 255 - mean) / std per channel, as float32.
+
+    Living inside the encoder, it travels with every exported artifact, so callers
+    always send raw pixel values.
+    """
+
+    def __init__(self, mean=0.5, std=0.25, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = mean
+        self.std = std
+
+    def call(self, images):
+        x = keras.ops.cast(images, "float32") / 255.0
+        return (x - keras.ops.convert_to_tensor(self.mean, "float32")) / keras.ops.convert_to_tensor(
+            self.std, "float32"
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+def _conv_bn(x, filters, kernel, strides, name, relu=True):
+    x = layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _basic_block(x, filters, strides, name):
+    shortcut = x
+    y = _conv_bn(x, filters, 3, strides, f"{name}_1")
+    y = _conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", relu=False)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+
+
+def _bottleneck_block(x, filters, strides, name):
+    out_filters = 4 * filters
+    shortcut = x
+    y = _conv_bn(x, filters, 1, 1, f"{name}_1")
+    y = _conv_bn(y, filters, 3, strides, f"{name}_2")
+    y = _conv_bn(y, out_filters, 1, 1, f"{name}_3", relu=False)
+    if strides != 1 or x.shape[-1] != out_filters:
+        shortcut = _conv_bn(x, out_filters, 1, strides, f"{name}_proj", relu=False)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+
+
+def _parse(name: str) -> tuple[str, str]:
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(BACKBONES)}.")
+    depth, _, stem = name.partition("_")
+    return depth, stem or "imagenet"
+
+
+def build(name: str, input_shape, width: float = 1.0, mean=None, std=None) -> keras.Model:
+    """Builds the named encoder.
+
+    Args:
+      name: one of `BACKBONES`; a `_small` suffix selects the 3x3 stem without max-pool.
+      input_shape: (H, W, C) of the images the encoder takes.
+      width: channel multiplier on the standard widths 64-128-256-512 (CPU-sized
+        encoders use 0.25-0.5).
+      mean, std: per-image-channel normalization statistics in [0, 1] units; scalars or
+        length-C lists. Defaults map [0, 255] to roughly [-2, 2].
+
+    Returns:
+      A `keras.Model` from images (N, H, W, C) in [0, 255] to features (N, D).
+
+    Example:
+      >>> encoder = build("resnet18_small", (28, 28, 1), width=0.25)
+      >>> encoder.output_shape
+      (None, 128)
+    """
+    depth, stem = _parse(name)
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}.")
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (H, W, C), got {input_shape}.")
+    block_kind, blocks_per_stage = _DEPTHS[depth]
+    block = _basic_block if block_kind == "basic" else _bottleneck_block
+
+    images = keras.Input(shape=input_shape, name="images")
+    x = ImageNormalization(
+        mean=0.5 if mean is None else mean, std=0.25 if std is None else std, name="normalize"
+    )(images)
+    stem_filters = max(8, int(round(64 * width)))
+    if stem == "small":
+        x = _conv_bn(x, stem_filters, 3, 1, "stem")
+    else:
+        x = _conv_bn(x, stem_filters, 7, 2, "stem")
+        x = layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+    for stage, num_blocks in enumerate(blocks_per_stage):
+        filters = max(8, int(round(64 * width * 2**stage)))
+        for i in range(num_blocks):
+            strides = 2 if (i == 0 and stage > 0) else 1
+            x = block(x, filters, strides, name=f"stage{stage + 1}_block{i + 1}")
+    features = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(images, features, name=f"{name}_w{width:g}".replace(".", "p"))
