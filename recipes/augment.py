@@ -1,0 +1,166 @@
+"""Batched view makers: the random augmentations of contrastive learning, in plain TF ops.
+
+Views are made on the whole batch inside the train step (one crop_and_resize call
+with a box per image, not a per-image tf.data map): measured ~4x faster here. The
+policies follow the papers:
+
+* MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive
+  Learning"), the SimCLR policy (Chen et al. 2020): random resized crop (scale
+  0.2-1, aspect 3/4-4/3), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
+  p=0.8, grayscale with p=0.2, Gaussian blur (sigma 0.1-2, kernel ~10% of the side)
+  with p=0.5 where the image is large enough for blur to mean anything (>= 32 px).
+
+Why not keras-cv: it is no longer developed, has no RandomResizedCrop, and its
+RandomApply fails per image inside tf.data. Keras 3 core has colour layers but no
+resized crop, and draws its randomness per call, not per global-batch row.
+
+Randomness is stateless and drawn for the *global* batch, then sliced to this
+replica's rows, so an image gets the same view on 1 or N replicas (that is what lets
+the distributed-equality tests compare exactly).
+
+Differences from torchvision, on purpose: crop boxes that do not fit are clipped
+instead of re-drawn (vectorized); jitter is applied in a fixed order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from recipes.distribute import replica_slice
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewPolicy:
+    """Parameters of one random view; the defaults are MoCo v2's."""
+
+    crop_scale: tuple = (0.2, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_min_size: int = 32
+    solarize_p: float = 0.0
+
+    def to_config(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ViewPolicy":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+
+class _Draws:
+    """Per-image random numbers drawn for the global batch, sliced to this replica."""
+
+    def __init__(self, seed, global_batch: int, local_batch: int):
+        self.seed = seed
+        self.global_batch = global_batch
+        self.local_batch = local_batch
+        self.count = 0
+
+    def uniform(self, low=0.0, high=1.0, shape=()):
+        self.count += 1
+        seed = tf.random.experimental.stateless_fold_in(self.seed, self.count)
+        values = tf.random.stateless_uniform((self.global_batch, *shape), seed, low, high)
+        return replica_slice(values, self.local_batch)
+
+    def bernoulli(self, p):
+        return self.uniform() < p
+
+
+def _broadcast(per_image):
+    return per_image[:, None, None, None]
+
+
+def _gray(x):
+    if x.shape[-1] == 1:
+        return x
+    return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+
+
+def crop_boxes(draws: _Draws, scale, ratio, flip: bool):
+    """RandomResizedCrop boxes (y1, x1, y2, x2) in [0, 1]; flipping swaps x1 and x2."""
+    area = draws.uniform(*scale)
+    log_ratio = draws.uniform(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)
+    width = tf.minimum(tf.sqrt(area * aspect), 1.0)
+    height = tf.minimum(tf.sqrt(area / aspect), 1.0)
+    top = draws.uniform() * (1.0 - height)
+    left = draws.uniform() * (1.0 - width)
+    x1, x2 = left, left + width
+    if flip:
+        flipped = draws.bernoulli(0.5)
+        x1, x2 = tf.where(flipped, x2, x1), tf.where(flipped, x1, x2)
+    return tf.stack([top, x1, top + height, x2], axis=1)
+
+
+def color_jitter(x, draws: _Draws, policy: ViewPolicy):
+    """Brightness, contrast, saturation, hue with per-image strengths; x in [0, 1]."""
+    b, c, s, h = policy.brightness, policy.contrast, policy.saturation, policy.hue
+    jittered = x * _broadcast(draws.uniform(1 - b, 1 + b))
+    jittered = tf.clip_by_value(jittered, 0.0, 1.0)
+    mean = tf.reduce_mean(_gray(jittered), axis=[1, 2, 3], keepdims=True)
+    jittered = tf.clip_by_value((jittered - mean) * _broadcast(draws.uniform(1 - c, 1 + c)) + mean, 0.0, 1.0)
+    if x.shape[-1] == 3:
+        gray = _gray(jittered)
+        jittered = tf.clip_by_value(gray + (jittered - gray) * _broadcast(draws.uniform(1 - s, 1 + s)), 0.0, 1.0)
+        hsv = tf.image.rgb_to_hsv(jittered)
+        hue = tf.math.floormod(hsv[..., :1] + _broadcast(draws.uniform(-h, h)), 1.0)
+        jittered = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
+    return tf.where(_broadcast(draws.bernoulli(policy.jitter_p)), jittered, x)
+
+
+def gaussian_blur(x, draws: _Draws, p: float):
+    """Separable Gaussian blur with per-image sigma in [0.1, 2.0], kernel ~10% of the side."""
+    batch, height, width, channels = x.shape
+    size = max(3, (int(0.1 * min(height, width)) // 2) * 2 + 1)
+    sigma = draws.uniform(0.1, 2.0)
+    offsets = tf.range(size, dtype=tf.float32) - (size - 1) / 2
+    kernel = tf.exp(-tf.square(offsets)[None, :] / (2.0 * tf.square(sigma)[:, None]))
+    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)  # [B, size]
+    # Put images into channels so each image gets its own kernel in one depthwise conv.
+    stacked = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, height, width, -1])
+    per_channel = tf.repeat(tf.transpose(kernel), channels, axis=1)  # [size, B*C]
+    horizontal = tf.reshape(per_channel, [1, size, -1, 1])
+    vertical = tf.reshape(per_channel, [size, 1, -1, 1])
+    blurred = tf.nn.depthwise_conv2d(stacked, horizontal, [1, 1, 1, 1], "SAME")
+    blurred = tf.nn.depthwise_conv2d(blurred, vertical, [1, 1, 1, 1], "SAME")
+    blurred = tf.transpose(tf.reshape(blurred, [height, width, -1, channels]), [2, 0, 1, 3])
+    return tf.where(_broadcast(draws.bernoulli(p)), blurred, x)
+
+
+def random_view(images, seed, policy: ViewPolicy, global_batch: int):
+    """One augmented view of a batch.
+
+    Args:
+      images: [B, H, W, C] uint8 or float in [0, 255] (this replica's rows).
+      seed: int32 [2] stateless seed, equal on all replicas for this step and view.
+      policy: the augmentation parameters.
+      global_batch: rows of the whole batch across replicas.
+
+    Returns:
+      [B, H, W, C] float32 in [0, 255].
+    """
+    local_batch, height, width, channels = images.shape
+    local_batch = local_batch or tf.shape(images)[0]
+    draws = _Draws(seed, global_batch, local_batch)
+    x = tf.cast(images, tf.float32) / 255.0
+    boxes = crop_boxes(draws, policy.crop_scale, policy.crop_ratio, policy.flip)
+    x = tf.image.crop_and_resize(x, boxes, tf.range(tf.shape(x)[0]), (height, width))
+    if policy.jitter_p > 0:
+        x = color_jitter(x, draws, policy)
+    if policy.grayscale_p > 0 and channels == 3:
+        x = tf.where(_broadcast(draws.bernoulli(policy.grayscale_p)), tf.tile(_gray(x), [1, 1, 1, 3]), x)
+    if policy.blur_p > 0 and min(height, width) >= policy.blur_min_size:
+        x = gaussian_blur(x, draws, policy.blur_p)
+    if policy.solarize_p > 0:
+        x = tf.where(_broadcast(draws.bernoulli(policy.solarize_p)) & (x >= 0.5), 1.0 - x, x)
+    return x * 255.0

@@ -1,0 +1,180 @@
+"""What every recipe shares: the registry, the train-step skeleton and its state.
+
+A recipe is a `keras.Model` whose `train_step` turns a batch of uint8 images into
+views, a loss and an update. This base owns the mechanics that several methods
+share, so that a recipe file states only what makes its method different:
+
+* `loss_and_gradients`: loss scaled by the *global* batch + gradients, the
+  quantities the 1-vs-2-replica tests compare;
+* `step_seed`: stateless per-step, per-view seeds, equal on every replica;
+* `encode_in_groups`: batch-norm statistics over fixed groups of the global batch
+  ("split BN"), the single-device equivalent of MoCo's per-GPU shuffle BN, and the
+  same computation on 1 or N replicas;
+* `momentum_update`: EMA targets (MoCo's key encoder, BYOL's target, DINO's teacher);
+* `FeatureQueue`: a FIFO of keys/features as a non-trainable variable.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from recipes import distribute
+
+RECIPES: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: makes a recipe trainable as `--recipe=name`."""
+
+    def decorate(cls):
+        RECIPES[name] = cls
+        cls.recipe_name = name
+        return keras.saving.register_keras_serializable(package="ssl_recipes", name=name)(cls)
+
+    return decorate
+
+
+def get_recipe_class(name: str) -> type:
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}. Valid recipes: {', '.join(sorted(RECIPES))}.")
+    return RECIPES[name]
+
+
+class Recipe(keras.Model):
+    """Base class: an encoder plus whatever a method trains around it.
+
+    Subclasses implement `loss_terms(data) -> (per-replica loss, state dict)` and may
+    override `before_update(data)` / `after_update(data, state)` for non-gradient
+    state (EMA targets, queues, memory banks).
+
+    Args:
+      encoder: the `keras.Model` being pretrained (images in [0, 255] -> features).
+      seed: base of the stateless augmentation seeds.
+    """
+
+    recipe_name = "base"
+
+    def __init__(self, encoder: keras.Model, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.seed = int(seed)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    # ---- configuration (what a zoo card records) -------------------------------
+    def get_config(self) -> dict:
+        """Hyperparameters only; the encoder is recorded by the run as backbone + width."""
+        return {"seed": self.seed}
+
+    # ---- helpers for subclasses ---------------------------------------------
+    @property
+    def num_replicas(self) -> int:
+        return distribute.num_replicas()
+
+    def global_batch(self, local_tensor) -> int:
+        rows = local_tensor.shape[0]
+        if rows is None:
+            raise ValueError("Recipes need a static batch size: batch with drop_remainder=True.")
+        return rows * self.num_replicas
+
+    def step_seed(self, view: int):
+        """An int32[2] stateless seed for (this step, this view), equal on all replicas."""
+        step = tf.cast(self.optimizer.iterations, tf.int32)
+        seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int32), step)
+        return tf.random.experimental.stateless_fold_in(seed, view)
+
+    def encode_in_groups(self, model, x, bn_splits: int, training: bool = True):
+        """Runs `model` on `bn_splits` equal groups of the global batch.
+
+        BatchNorm then normalizes each group with its own statistics, whether the
+        groups live on one device or on several replicas.
+        """
+        if bn_splits % self.num_replicas:
+            raise ValueError(f"bn_splits={bn_splits} must be a multiple of the {self.num_replicas} replicas.")
+        groups = bn_splits // self.num_replicas
+        if groups == 1:
+            return model(x, training=training)
+        if x.shape[0] % groups:
+            raise ValueError(f"Per-replica batch {x.shape[0]} is not divisible into {groups} BN groups.")
+        return tf.concat([model(part, training=training) for part in tf.split(x, groups)], axis=0)
+
+    def momentum_update(self, pairs, momentum):
+        """target <- m * target + (1 - m) * online, for every (online, target) model pair."""
+        targets, values = [], []
+        for online, target in pairs:
+            for w_online, w_target in zip(online.weights, target.weights):
+                # Only parameters: the target's BN statistics come from its own forward passes.
+                if w_online.trainable:
+                    targets.append(w_target)
+                    values.append(momentum * w_target.value + (1.0 - momentum) * w_online.value)
+        distribute.assign_synced(targets, values)
+
+    # ---- the train step -------------------------------------------------------
+    def loss_terms(self, data):
+        raise NotImplementedError
+
+    def before_update(self, data):
+        """State updates that precede the loss (MoCo updates its key encoder first)."""
+
+    def after_update(self, data, state):
+        """State updates after the gradient step (queues, memory banks)."""
+
+    def loss_and_gradients(self, data):
+        """Per-replica loss (already divided by the global batch) and its gradients."""
+        with tf.GradientTape() as tape:
+            loss, state = self.loss_terms(data)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        return loss, gradients, state
+
+    def train_step(self, data):
+        self.before_update(data)
+        loss, gradients, state = self.loss_and_gradients(data)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        self.after_update(data, state)
+        # Each replica's loss is a share of the global mean; the tracker averages replicas.
+        self.loss_tracker.update_state(loss * self.num_replicas)
+        logs = {"loss": self.loss_tracker.result()}
+        for metric in self.metrics:
+            if metric is not self.loss_tracker:
+                logs[metric.name] = metric.result()
+        return logs
+
+    def test_step(self, data):
+        raise NotImplementedError("Recipes are evaluated with recipes.evaluate (kNN / linear probe).")
+
+    def build(self, input_shape=None):
+        """Sub-models are built in __init__; nothing is left to infer from data."""
+        self.built = True
+
+    def call(self, data, training=False):
+        images = data["image"] if isinstance(data, dict) else data
+        return self.encoder(images, training=training)
+
+
+class FeatureQueue(keras.layers.Layer):
+    """A FIFO of L2-normalized feature vectors kept as non-trainable variables.
+
+    MoCo's dictionary (He et al. 2020, sec. 3.2): the keys of the most recent
+    batches serve as negatives, decoupling the number of negatives from the batch.
+    Enqueued in global-batch order, so every replica holds the same queue.
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.dim = size, dim
+        initial = tf.math.l2_normalize(tf.random.stateless_normal((size, dim), [seed, 1]), axis=1)
+        self.keys = self.add_weight(shape=(size, dim), initializer=lambda *a, **k: initial,
+                                    trainable=False, name="keys")
+        self.pointer = self.add_weight(shape=(), initializer="zeros", dtype="int32",
+                                       trainable=False, name="pointer")
+
+    def enqueue(self, keys):
+        """Replaces the oldest rows with `keys` (the whole global batch of keys)."""
+        rows = keys.shape[0]
+        if self.size % rows:
+            raise ValueError(f"Queue size {self.size} must be a multiple of the global batch {rows}.")
+        start = self.pointer.value
+        updated = tf.tensor_scatter_nd_update(
+            self.keys.value, tf.range(start, start + rows)[:, None], tf.cast(keys, self.keys.dtype)
+        )
+        distribute.assign_synced([self.keys, self.pointer], [updated, (start + rows) % self.size])
