@@ -283,7 +283,7 @@ def generate_shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if np.abs(fg - bg).max() < 80:  # keep the shape visible
             fg = 255.0 - bg
         r = rng.uniform(6.0, 12.0)
-        cx, cy = rng.uniform(r, s - 1 - r, 2) if r < s / 2 - 1 else (s / 2, s / 2)
+        cx, cy = rng.uniform(r, s - 1 - r, 2)  # the shape stays inside the image
         grad = rng.normal(0, 1.5, 2)
         img = bg + ((xx - s / 2) * grad[0] + (yy - s / 2) * grad[1])[..., None]
         mask = _shape_mask(int(labels[i]), xx - cx, yy - cy, r)

@@ -20,6 +20,18 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A fresh TFDS data_dir: everything is prepared from scratch, offline."""
@@ -45,7 +57,7 @@ def test_restored_gzip_matches_tfds_checksum(tmp_path):
 
 
 @needs_fmnist
-def test_fashion_mnist_test_split_offline_from_scratch(data_dir):
+def test_fashion_mnist_test_split_offline_from_scratch(data_dir, no_network):
     images, labels = data.load_arrays("fashion_mnist", "test", data_dir=data_dir)
     assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
     assert labels.shape == (10000,) and labels.dtype == np.int64
