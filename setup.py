@@ -15,6 +15,8 @@ setup(
         "grpcio==1.85.1",
         "protobuf==7.36.2",
         "absl-py==2.5.1",
+        "tensorboard==2.21.0",
+        "importlib-resources==7.1.0",  # tensorflow-datasets 4.9.10 imports it; etils no longer installs it
         "numpy==2.4.6",
     ],
     extras_require={

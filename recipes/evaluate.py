@@ -1,0 +1,122 @@
+"""How a frozen encoder is judged: weighted kNN and a linear probe.
+
+* Weighted kNN (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
+  Instance Discrimination", sec. 3.4): L2-normalized features; each test image
+  takes its k most cosine-similar training images, each voting for its class with
+  weight exp(similarity / T); k=200, T=0.1 by default. No training, so it measures
+  the representation and not an optimizer.
+* Linear probe: a softmax classifier trained on frozen, standardized features.
+
+Every result carries its protocol (dataset/split, k and T or probe settings, seed)
+so a number never travels without the way it was measured.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def extract_features(encoder: keras.Model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Encoder features of `images` in inference mode (BatchNorm uses moving statistics)."""
+
+    @tf.function(reduce_retracing=True)
+    def embed(batch):
+        return encoder(batch, training=False)
+
+    outputs = [embed(tf.constant(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs, axis=0).astype(np.float32)
+
+
+def _normalize(x):
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_predict(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1, chunk=1024):
+    """Class predictions by temperature-weighted voting of the k nearest neighbours."""
+    train = tf.constant(_normalize(train_features))
+    labels = tf.constant(np.asarray(train_labels, np.int64))
+    k = min(k, len(train_features))
+    predictions = []
+    for start in range(0, len(test_features), chunk):
+        test = tf.constant(_normalize(test_features[start : start + chunk]))
+        similarity = tf.matmul(test, train, transpose_b=True)
+        top_similarity, top_index = tf.math.top_k(similarity, k=k)
+        weights = tf.exp(top_similarity / temperature)
+        votes = tf.one_hot(tf.gather(labels, top_index), num_classes) * weights[..., None]
+        predictions.append(tf.argmax(tf.reduce_sum(votes, axis=1), axis=1).numpy())
+    return np.concatenate(predictions)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
+                 k=200, temperature=0.1, protocol=None) -> dict:
+    """Weighted kNN accuracy with its protocol."""
+    predicted = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
+    accuracy = float(np.mean(predicted == np.asarray(test_labels)))
+    return {"accuracy": accuracy,
+            "protocol": {"method": "weighted_knn", "k": int(k), "temperature": float(temperature),
+                         "features": "l2-normalized pooled encoder output",
+                         "train_size": int(len(train_features)), "test_size": int(len(test_features)),
+                         **(protocol or {})}}
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
+                 epochs=100, batch_size=256, learning_rate=1e-3, weight_decay=1e-4, seed=0,
+                 protocol=None) -> dict:
+    """Accuracy of a softmax classifier trained on frozen, standardized features (AdamW)."""
+    mean = train_features.mean(axis=0, keepdims=True)
+    std = train_features.std(axis=0, keepdims=True) + 1e-6
+    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
+    keras.utils.set_random_seed(seed)
+    classifier = keras.Sequential([keras.Input((x_train.shape[1],)), keras.layers.Dense(num_classes)])
+    steps = epochs * int(np.ceil(len(x_train) / batch_size))
+    classifier.compile(
+        optimizer=keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(learning_rate, steps),
+                                         weight_decay=weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    classifier.fit(x_train, np.asarray(train_labels), epochs=epochs, batch_size=batch_size, verbose=0)
+    accuracy = float(np.mean(np.argmax(classifier.predict(x_test, batch_size=1024, verbose=0), 1)
+                             == np.asarray(test_labels)))
+    return {"accuracy": accuracy,
+            "protocol": {"method": "linear_probe", "optimizer": "AdamW", "epochs": int(epochs),
+                         "batch_size": int(batch_size), "learning_rate": float(learning_rate),
+                         "weight_decay": float(weight_decay), "features": "standardized frozen encoder output",
+                         "seed": int(seed), "train_size": int(len(x_train)), "test_size": int(len(x_test)),
+                         **(protocol or {})}}
+
+
+def evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
+                     knn_k=200, knn_temperature=0.1, probe_epochs=100, seed=0, protocol=None) -> dict:
+    """kNN and linear probe of a frozen encoder; the metrics.json block of a run."""
+    train_features = extract_features(encoder, train_images)
+    test_features = extract_features(encoder, test_images)
+    results = {"knn": knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
+                                   knn_k, knn_temperature, protocol)}
+    if probe_epochs > 0:
+        results["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
+                                               num_classes, epochs=probe_epochs, seed=seed, protocol=protocol)
+    return results
+
+
+class KnnMonitor(keras.callbacks.Callback):
+    """Logs kNN accuracy on a held-out split every `every` epochs (as `val_knn`)."""
+
+    def __init__(self, train_images, train_labels, test_images, test_labels, num_classes,
+                 every=1, k=200, temperature=0.1):
+        super().__init__()
+        self.data = (train_images, train_labels, test_images, test_labels)
+        self.num_classes, self.every, self.k, self.temperature = num_classes, every, k, temperature
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every <= 0 or (epoch + 1) % self.every:
+            return
+        train_x, train_y, test_x, test_y = self.data
+        encoder = self.model.encoder
+        result = knn_accuracy(extract_features(encoder, train_x), train_y, extract_features(encoder, test_x),
+                              test_y, self.num_classes, self.k, self.temperature)
+        if logs is not None:
+            logs["val_knn"] = result["accuracy"]
+        print(f"\nepoch {epoch + 1}: kNN (k={self.k}, T={self.temperature}) on held-out = {result['accuracy']:.4f}")

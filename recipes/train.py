@@ -1,0 +1,290 @@
+"""Pretrain an encoder with a recipe: `python -m recipes.train --recipe=moco --dataset=fashion_mnist`.
+
+What a run leaves in --model_dir:
+  checkpoints/   one per epoch (model, optimizer, epoch): rerunning the same command
+                 after an interruption (even kill -9) resumes from the last one;
+  logs/          TensorBoard scalars;
+  encoder.keras  the pretrained encoder (what the zoo publishes);
+  run.json       recipe, its config, backbone, data, schedule, strategy, timing;
+  metrics.json   kNN and linear probe on the test split, each with its protocol.
+
+The data order is a function of (seed, epoch) only, so a resumed run sees the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("recipe", "moco", "Recipe name (see recipes.base.RECIPES).")
+flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see recipes.data.DATASETS).")
+flags.DEFINE_string("data_dir", None, "TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+flags.DEFINE_string("train_split", "train", "Split to pretrain on (labels unused).")
+flags.DEFINE_string("test_split", "test", "Split for the final kNN / linear-probe evaluation.")
+flags.DEFINE_string("backbone", "resnet18_small", "Encoder (see zoo.backbones.BACKBONES).")
+flags.DEFINE_float("width", 0.25, "Channel width multiplier of the backbone.")
+flags.DEFINE_integer("epochs", 10, "Training epochs.")
+flags.DEFINE_integer("steps_per_epoch", None, "Optional cap on steps per epoch (default: one pass).")
+flags.DEFINE_integer("batch_size", 256, "Global batch size (split across replicas).")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute strategy.")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, the encoder and metrics go.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentations.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "Optimizer (SGD momentum 0.9, or AdamW).")
+flags.DEFINE_float("lr", 0.06, "Peak learning rate (cosine decay to 0).")
+flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
+flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up epochs.")
+flags.DEFINE_string("hparams", "", "Recipe hyperparameters as key=value,key=value (values parsed as JSON).")
+flags.DEFINE_integer("knn_every", 1, "Log held-out kNN accuracy every N epochs (0: never).")
+flags.DEFINE_integer("knn_monitor_size", 10000, "Training images used as the kNN memory while monitoring.")
+flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs in the final evaluation (0: skip).")
+flags.DEFINE_bool("jit_compile", False, "XLA (fails under MirroredStrategy in TF 2.21; slower on CPU).")
+flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line per epoch.")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def parse_hparams(text: str) -> dict:
+    """'a=1,b=0.5,c=true,d="x"' -> {'a': 1, 'b': 0.5, 'c': True, 'd': 'x'}."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--hparams item {item!r} is not key=value.")
+        try:
+            result[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            result[key.strip()] = value
+    return result
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def epoch_batches(images, batch_size, steps_per_epoch, first_epoch, last_epoch, seed, with_index):
+    """Batches for epochs [first_epoch, last_epoch): a fresh permutation per (seed, epoch)."""
+    import tensorflow as tf
+
+    images_t = tf.constant(images)
+    count = len(images)
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
+                                                         seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True).take(steps_per_epoch)
+
+    def gather(index):
+        batch = {"image": tf.gather(images_t, index)}
+        if with_index:
+            batch["index"] = index
+        return batch
+
+    dataset = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2).with_options(options)
+
+
+def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps):
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup_steps else lr, max(1, total_steps - warmup_steps),
+        warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
+    if name == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
+    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+
+
+def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
+    """Instantiates a recipe, passing run facts only to recipes that ask for them."""
+    accepted = inspect.signature(recipe_cls.__init__).parameters
+    extra = {k: v for k, v in {"total_steps": total_steps, "num_examples": num_examples}.items()
+             if k in accepted and k not in hparams}
+    unknown = [k for k in hparams if k not in accepted]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values() if p.name != "kwargs"):
+        valid = [p for p in accepted if p not in ("self", "encoder", "kwargs")]
+        raise ValueError(f"Unknown hyperparameters {unknown} for recipe {recipe_cls.recipe_name!r}. "
+                         f"Valid: {', '.join(valid)}.")
+    return recipe_cls(encoder, seed=seed, **extra, **hparams)
+
+
+class EpochCheckpoint:
+    """Saves model + optimizer + epoch at every epoch end; restores the latest at start."""
+
+    def __init__(self, recipe, directory, write=True):
+        import tensorflow as tf
+
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(model=recipe, optimizer=recipe.optimizer, epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=2)
+        self.write = write
+
+    def restore(self) -> int:
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            print(f"Resuming from {latest} (epoch {int(self.epoch.numpy())} done).")
+        return int(self.epoch.numpy())
+
+    def save(self, epoch: int):
+        self.epoch.assign(epoch)
+        self.manager.save(checkpoint_number=epoch)
+
+
+def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
+    import keras
+    import numpy as np
+
+    class Guard(keras.callbacks.Callback):
+        """Stops on a non-finite loss; saves a checkpoint only after a finite epoch."""
+
+        diverged_at = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            timing["epoch_start"] = time.time()
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not np.isfinite(float(loss)):
+                self.diverged_at = (timing["epoch"], batch)
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            timing["train_seconds"] += time.time() - timing["epoch_start"]
+            timing["epoch"] = epoch + 1
+            if self.diverged_at is None:
+                checkpoint.save(epoch + 1)
+
+    guard = Guard()
+    callbacks = [guard, keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch")]
+    if knn_data is not None:
+        from recipes.evaluate import KnnMonitor
+
+        callbacks.append(KnnMonitor(*knn_data, num_classes=num_classes, every=FLAGS.knn_every))
+    return guard, callbacks
+
+
+def train(argv=None) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import recipes
+    from recipes import data, distribute, evaluate
+    from recipes.base import get_recipe_class
+    from zoo import backbones
+
+    recipe_cls = get_recipe_class(FLAGS.recipe)
+    if FLAGS.backbone not in backbones.BACKBONES:
+        raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. Valid backbones: {', '.join(backbones.BACKBONES)}.")
+    if not FLAGS.model_dir:
+        raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
+    hparams = parse_hparams(FLAGS.hparams)
+    keras.utils.set_random_seed(FLAGS.seed)
+
+    strategy = distribute.make_strategy(FLAGS.strategy)
+    chief = distribute.is_chief()
+    model_dir = FLAGS.model_dir if chief else os.path.join(FLAGS.model_dir, f"worker_tmp_{os.getpid()}")
+    os.makedirs(model_dir, exist_ok=True)
+
+    train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir)
+    test_images, test_labels = data.load_arrays(FLAGS.dataset, FLAGS.test_split, FLAGS.data_dir)
+    num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
+    if FLAGS.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"--batch_size={FLAGS.batch_size} must be divisible by {strategy.num_replicas_in_sync} replicas.")
+    full_steps = len(train_images) // FLAGS.batch_size
+    if full_steps == 0:
+        raise ValueError(f"--batch_size={FLAGS.batch_size} exceeds the {len(train_images)} training images.")
+    steps = min(full_steps, FLAGS.steps_per_epoch or full_steps)
+    total_steps = steps * FLAGS.epochs
+
+    with strategy.scope():
+        encoder = backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width)
+        recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
+        recipe.compile(optimizer=make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
+                                                FLAGS.warmup_epochs * steps),
+                       jit_compile=FLAGS.jit_compile)
+        recipe.optimizer.build(recipe.trainable_variables)
+        checkpoint = EpochCheckpoint(recipe, os.path.join(model_dir, "checkpoints"))
+        initial_epoch = checkpoint.restore()
+
+    run_info = {
+        "recipe": FLAGS.recipe, "recipe_config": recipe.get_config(), "backbone": FLAGS.backbone,
+        "backbone_width": FLAGS.width, "input_shape": list(train_images.shape[1:]),
+        "embedding_dim": int(encoder.output_shape[-1]), "dataset": FLAGS.dataset,
+        "train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "epochs": FLAGS.epochs,
+        "steps_per_epoch": steps, "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer,
+        "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs,
+        "seed": FLAGS.seed, "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
+        "git_commit": git_commit(), "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
+    }
+    timing = {"train_seconds": 0.0, "epoch": initial_epoch, "epoch_start": time.time()}
+    knn_data = None
+    if FLAGS.knn_every > 0:
+        monitor = np.random.RandomState(FLAGS.seed).permutation(len(train_images))[:FLAGS.knn_monitor_size]
+        knn_data = (train_images[monitor], train_labels[monitor], test_images, test_labels)
+    guard, callbacks = _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing)
+
+    if initial_epoch < FLAGS.epochs:
+        batches = epoch_batches(train_images, FLAGS.batch_size, steps, initial_epoch, FLAGS.epochs, FLAGS.seed,
+                                getattr(recipe_cls, "needs_index", False))
+        recipe.fit(batches, epochs=FLAGS.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                   callbacks=callbacks, verbose=FLAGS.verbose)
+    if guard.diverged_at is not None:
+        epoch, step = guard.diverged_at
+        raise TrainingDiverged(
+            f"Loss became NaN/inf at epoch {epoch + 1}, step {step + 1}. Training stopped; the last good "
+            f"checkpoint (epoch {epoch}) is kept in {os.path.join(model_dir, 'checkpoints')}. Lower --lr or "
+            f"check the recipe hyperparameters, then rerun the same command to resume.")
+
+    trained_epochs = timing["epoch"] - initial_epoch
+    run_info["wall_time_s"] = round(timing["train_seconds"], 2)
+    run_info["images_per_sec"] = round(trained_epochs * steps * FLAGS.batch_size / timing["train_seconds"], 1) \
+        if timing["train_seconds"] > 0 else None
+    protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
+                "pretrain_epochs": FLAGS.epochs, "seed": FLAGS.seed}
+    metrics = evaluate.evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
+                                        probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol)
+    metrics["train"] = {"wall_time_s": run_info["wall_time_s"], "images_per_sec": run_info["images_per_sec"]}
+    if chief:
+        encoder.save(os.path.join(model_dir, "encoder.keras"))
+        for name, content in (("run.json", run_info), ("metrics.json", metrics)):
+            with open(os.path.join(model_dir, name), "w") as f:
+                json.dump(content, f, indent=2)
+    else:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    knn = metrics["knn"]["accuracy"]
+    probe = metrics.get("linear_probe", {}).get("accuracy")
+    print(f"kNN accuracy (k=200, T=0.1, {FLAGS.dataset} {FLAGS.test_split}): {knn:.4f}"
+          + (f"; linear probe: {probe:.4f}" if probe is not None else ""))
+    return {"run": run_info, "metrics": metrics}
+
+
+def main(argv):
+    del argv
+    try:
+        train()
+    except TrainingDiverged as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    app.run(main)
