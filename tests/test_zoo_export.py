@@ -1,0 +1,62 @@
+"""The SavedModel serving contract: both signatures answer exactly what the Keras encoder does."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from zoo import backbones, export
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return backbones.build("resnet18_small", (32, 32, 3), width=0.125)
+
+
+def _reference(encoder, images):
+    features = encoder.predict(images.astype("float32"), verbose=0)
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def test_both_signatures_match_keras_encoder(encoder, tmp_path):
+    path = export.export_saved_model(encoder, str(tmp_path / "m"))
+    assert path.endswith("/m/1")
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "embed_bytes"}
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    expected = _reference(encoder, images)
+    by_pixels = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))["embedding"]
+    pngs = tf.stack([tf.io.encode_png(image) for image in images])
+    by_bytes = loaded.signatures["embed_bytes"](image_bytes=pngs)["embedding"]
+    np.testing.assert_allclose(by_pixels.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(by_bytes.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(by_pixels.numpy(), axis=1), 1.0, atol=1e-5)
+
+
+def test_bytes_signature_resizes_and_converts_channels(tmp_path):
+    small = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+    path = export.export_saved_model(small, str(tmp_path / "gray"), version=7)
+    rgb_jpeg = tf.io.encode_jpeg(np.full((40, 24, 3), 128, np.uint8))
+    out = tf.saved_model.load(path).signatures["embed_bytes"](image_bytes=tf.stack([rgb_jpeg]))["embedding"]
+    assert out.shape == (1, small.output_shape[-1])
+
+
+def test_versions_count_up_and_never_overwrite(encoder, tmp_path):
+    base = str(tmp_path / "m")
+    assert export.export_saved_model(encoder, base, version=3).endswith("/3")
+    assert export.export_saved_model(encoder, base).endswith("/4")
+    with pytest.raises(FileExistsError):
+        export.export_saved_model(encoder, base, version=3)
+    with pytest.raises(ValueError, match="positive integer"):
+        export.export_saved_model(encoder, base, version=0)
+    assert export.versions_in(base) == [3, 4]
+    assert not [p for p in tf.io.gfile.listdir(base) if p.startswith(".tmp")]
+
+
+def test_rejects_non_pooled_encoder(tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    spatial = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+    with pytest.raises(ValueError, match="pooled features"):
+        export.export_saved_model(spatial, str(tmp_path / "bad"))
