@@ -1,0 +1,69 @@
+"""Tiny SavedModels with the zoo's serving signatures, for tests and smoke runs.
+
+`export_toy_model` writes `<base>/<name>/<version>/` with `serving_default` (float images
+[N, H, W, C] in [0, 255] -> L2-normalized `embedding` [N, D]) and `embed_bytes` (encoded
+JPEG/PNG -> `embedding`), the contract of `zoo.export`. Weights are a function of `seed`, so
+two versions answer differently and a test can tell which one replied.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+
+class ToyEncoder(tf.Module):
+    """Linear projection of the flattened image, L2-normalized."""
+
+    def __init__(self, shape=(8, 8, 1), dim=4, seed=0):
+        super().__init__()
+        self.shape = tuple(shape)
+        rng = np.random.default_rng(seed)
+        self.kernel = tf.Variable(rng.normal(size=(int(np.prod(shape)), dim)).astype("float32"))
+        self.bias = tf.Variable(rng.normal(size=(dim,)).astype("float32"))
+
+    def embed(self, images):
+        flat = tf.reshape(tf.cast(images, tf.float32) / 255.0, [-1, self.kernel.shape[0]])
+        return tf.math.l2_normalize(flat @ self.kernel + self.bias, axis=-1)
+
+    def numpy_embed(self, images: np.ndarray) -> np.ndarray:
+        return self.embed(tf.constant(images, tf.float32)).numpy()
+
+    def signatures(self):
+        h, w, c = self.shape
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.float32, name="images")])
+        def serving_default(images):
+            return {"embedding": self.embed(images)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def embed_bytes(image_bytes):
+            def decode(data):
+                img = tf.io.decode_image(data, channels=c, expand_animations=False)
+                return tf.image.resize(tf.cast(img, tf.float32), (h, w))
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([h, w, c], tf.float32))
+            return {"embedding": self.embed(images)}
+
+        return {"serving_default": serving_default, "embed_bytes": embed_bytes}
+
+
+def export_toy_model(base: str, name: str, version: int, shape=(8, 8, 1), dim=4, seed=None) -> str:
+    """Writes the toy SavedModel atomically (temp dir + rename), as a new version should be."""
+    module = ToyEncoder(shape, dim, seed=version if seed is None else seed)
+    target = os.path.join(base, name, str(version))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=os.path.dirname(target))
+    try:
+        tf.saved_model.save(module, tmp, signatures=module.signatures())
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    return tf.io.encode_png(tf.constant(image, tf.uint8)).numpy()
