@@ -1,3 +1,236 @@
-"""Self-supervised model zoo: load, publish and serve encoders by name."""
+"""Self-supervised model zoo: publish encoders under a name, load them back anywhere.
+
+    import zoo
+    encoder = zoo.load("moco_resnet18_fashion_mnist")    # trainable keras.Model, verified
+    zoo.load("moco_resnet18_fashion_mnist:2")             # a version, or a label ("name:stable")
+    zoo.publish("runs/moco", name="moco_resnet18_fashion_mnist")
+    zoo.list_models(); zoo.info(name); zoo.embed(name, images)
+
+The store is `store=` (a directory, any tf.io.gfile URI, or a read-only http(s) URL), else
+$ZOO_HOME, else ~/.ssl_zoo. Every file is checked against the index's sha256 before it is
+used; a mismatch raises `ChecksumError` and nothing is returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
 
 from zoo import backbones  # registers the custom layers so `.keras` files load as-is  # noqa: F401
+from zoo.errors import (  # noqa: F401  (re-exported API)
+    ArtifactError,
+    ChecksumError,
+    IndexFormatError,
+    InvalidNameError,
+    LockTimeoutError,
+    NotFoundError,
+    ReadOnlyStoreError,
+    StoreUnreachableError,
+    ZooError,
+)
+from zoo.index import parse_ref, validate_label, validate_name
+from zoo.store import check_files, open_store, read_verified, serving_base_path  # noqa: F401
+
+__all__ = [
+    "load", "list_models", "info", "publish", "embed", "remove", "verify", "set_label", "serving_base_path",
+    "ZooError", "ChecksumError", "NotFoundError", "InvalidNameError", "StoreUnreachableError",
+]
+
+_loaded = {}  # (store root, name, version, sha256 of encoder.keras) -> model, for embed()
+
+
+def _resolve(ref, version, store):
+    st = open_store(store)
+    name, version = parse_ref(ref, version)
+    number, entry = st.read_index().resolve(name, version)
+    return st, name, number, entry
+
+
+def _verified_dir(st, name, number, entry, skip=()):
+    directory = st.fetch(name, number, entry)
+    problems = check_files(directory, {k: v for k, v in entry["files"].items() if k not in skip})
+    if problems:
+        raise ChecksumError(
+            f"{name}:{number} in {st.root} failed verification, nothing was loaded: {'; '.join(problems)}. "
+            "Republish the model or `zoo rm` it (for an http store, delete its cache and retry)."
+        )
+    return directory
+
+
+def load(name: str, version: int | str | None = None, store=None, compile: bool = False):
+    """Loads a published encoder as a trainable `keras.Model`.
+
+    Args:
+      name: "name", "name:3" or "name:label".
+      version: version number or label (alternative to the ":" form); default latest.
+      store: store location; default $ZOO_HOME or ~/.ssl_zoo.
+      compile: passed to `keras.saving.load_model` (encoders are published uncompiled).
+
+    Raises:
+      NotFoundError (with close names), ChecksumError, StoreUnreachableError.
+    """
+    import keras
+
+    from zoo.export import KERAS_FILENAME
+
+    st, name, number, entry = _resolve(name, version, store)
+    directory = _verified_dir(st, name, number, entry, skip=(KERAS_FILENAME,))
+    # Load the very bytes that were hashed, so the file cannot change between check and use.
+    data = read_verified(directory, KERAS_FILENAME, entry["files"][KERAS_FILENAME])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, KERAS_FILENAME)
+        with open(path, "wb") as f:
+            f.write(data)
+        return keras.saving.load_model(path, compile=compile)
+
+
+def info(name: str, version: int | str | None = None, store=None) -> dict:
+    """The model card of a published version (default latest), plus its version and labels."""
+    from zoo.card import CARD_FILENAME
+
+    st, name, number, entry = _resolve(name, version, store)
+    directory = st.fetch(name, number, {**entry, "files": {CARD_FILENAME: entry["files"][CARD_FILENAME]}})
+    model_card = json.loads(read_verified(directory, CARD_FILENAME, entry["files"][CARD_FILENAME]))
+    labels = sorted(k for k, v in st.read_index().labels(name).items() if v == number)
+    return {**model_card, "version": number, "labels": labels, "ref": f"{name}:{number}", "store": st.root}
+
+
+def list_models(store=None) -> list[dict]:
+    """One summary per published name (its latest version), sorted by name."""
+    index = open_store(store).read_index()
+    models = []
+    for name in index.names():
+        versions = index.versions(name)
+        if not versions:
+            continue
+        _, entry = index.resolve(name)
+        models.append({"name": name, "latest": versions[-1], "versions": versions, "labels": index.labels(name),
+                       **entry.get("summary", {})})
+    return models
+
+
+def _read_run_dir(run_dir: str):
+    import keras
+    import tensorflow as tf
+
+    def read_json(filename, required):
+        path = os.path.join(run_dir, filename)
+        if not tf.io.gfile.exists(path):
+            if required:
+                raise ArtifactError(f"{path} is missing; is {run_dir} a finished `recipes.train --model_dir`?")
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            try:
+                return json.loads(f.read())
+            except ValueError as e:
+                raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+
+    run = read_json("run.json", required=True)
+    metrics = read_json("metrics.json", required=True)
+    encoder_path = os.path.join(run_dir, "encoder.keras")
+    if not tf.io.gfile.exists(encoder_path):
+        raise ArtifactError(f"{encoder_path} is missing; the run has not finished (or failed) - rerun it to resume.")
+    return keras.saving.load_model(encoder_path, compile=False), run, metrics
+
+
+def publish(
+    run_dir: str | None = None,
+    *,
+    name: str,
+    encoder=None,
+    run: dict | None = None,
+    metrics: dict | None = None,
+    store=None,
+    labels=(),
+    description: str | None = None,
+) -> str:
+    """Publishes an encoder as the next version of `name`; returns "name:version".
+
+    Either `run_dir` (a `recipes.train --model_dir`: encoder.keras, run.json, metrics.json)
+    or `encoder` with optional `run` (run.json-like metadata: recipe, recipe_config,
+    backbone, dataset, ...) and `metrics` ({"knn": {"accuracy", "protocol"}, ...}).
+
+    The artifact is written and verified in the store's staging area, then moved into
+    place and added to the index under the store's lock; on any failure the store is left
+    as it was.
+    """
+    validate_name(name)
+    labels = [validate_label(label) for label in ([labels] if isinstance(labels, str) else labels)]
+    if (run_dir is None) == (encoder is None):
+        raise TypeError("publish() takes either a run directory or encoder=..., not both or neither.")
+    st = open_store(store)
+    st.require_writable()  # before any work
+    if run_dir is not None:
+        if run is not None or metrics is not None:
+            raise TypeError("With a run directory, run and metrics come from its run.json and metrics.json.")
+        encoder, run, metrics = _read_run_dir(os.fspath(run_dir))
+
+    from zoo import card as cards
+    from zoo import export
+
+    shape = list(export.encoder_input_shape(encoder))
+    if run and run.get("input_shape") is not None and list(run["input_shape"]) != shape:
+        raise ArtifactError(f"run.json says input_shape {run['input_shape']}, but the encoder takes {shape}.")
+
+    staged = st.new_staging_dir()
+    import tensorflow as tf
+
+    try:
+        model_card = export.write_artifact(encoder, staged, name=name, run=run, metrics=metrics,
+                                           description=description)
+        export.verify_artifact(staged, encoder)
+        from zoo.store import hash_tree
+
+        files = hash_tree(staged)
+        entry = {"files": files, "created_at": model_card["created_at"], "summary": cards.summary(model_card)}
+        version = st.commit(staged, name, entry, labels)
+    finally:
+        if tf.io.gfile.exists(staged):
+            tf.io.gfile.rmtree(staged)
+    return f"{name}:{version}"
+
+
+def set_label(name: str, label: str, version: int, store=None) -> None:
+    """Points a version label (e.g. "stable") of `name` at `version`."""
+    open_store(store).set_label(validate_name(name), label, version)
+
+
+def remove(ref: str, store=None) -> list[int]:
+    """Removes "name:version" (or every version of "name"); returns the removed version numbers."""
+    name, version = parse_ref(ref)
+    return open_store(store).remove(name, version)
+
+
+def verify(store=None) -> dict:
+    """Re-hashes every published file. Returns {"checked": [refs], "corrupt": {ref: [problems]},
+    "leftovers": [unlisted directories from interrupted publishes]}."""
+    st = open_store(store)
+    index = st.read_index()
+    report = {"store": st.root, "checked": [], "corrupt": {}, "leftovers": st.leftovers(index)}
+    for name in index.names():
+        for number in index.versions(name):
+            ref = f"{name}:{number}"
+            _, entry = index.resolve(name, number)
+            try:
+                problems = check_files(st.fetch(name, number, entry), entry["files"])
+            except (ChecksumError, NotFoundError) as e:
+                problems = [str(e)]
+            report["checked"].append(ref)
+            if problems:
+                report["corrupt"][ref] = problems
+    return report
+
+
+def embed(name: str, images, store=None, batch_size: int = 256):
+    """L2-normalized embeddings (N, D) of images (N, H, W, C) in [0, 255] - what serving returns."""
+    import numpy as np
+
+    from zoo.export import KERAS_FILENAME
+
+    st, name, number, entry = _resolve(name, None, store)
+    key = (st.root, name, number, entry["files"][KERAS_FILENAME]["sha256"])
+    if key not in _loaded:
+        _loaded[key] = load(name, number, store=st)
+    features = np.asarray(_loaded[key].predict(np.asarray(images, "float32"), batch_size=batch_size, verbose=0))
+    return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)

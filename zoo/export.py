@@ -153,3 +153,79 @@ def write_keras(encoder: keras.Model, path: str) -> str:
         encoder.save(local)
         tf.io.gfile.copy(local, path, overwrite=False)
     return path
+
+
+REQUIRED_FILES = ("saved_model.pb", "variables/variables.index", KERAS_FILENAME)
+
+
+def write_artifact(encoder: keras.Model, directory: str, *, name: str, run=None, metrics=None,
+                   description=None) -> dict:
+    """Writes a complete zoo artifact into the new directory `directory` and returns its card.
+
+    One directory serves everyone: it is a TF Serving version directory (SavedModel at
+    its root; servers ignore the other files), and it holds `encoder.keras` (trainable,
+    fine-tunable) and `card.json` (whose "files" lists the sha256 of every other file).
+    """
+    from zoo import card as cards
+    from zoo.store import hash_tree
+
+    shape = encoder_input_shape(encoder)
+    write_saved_model(encoder, directory)
+    write_keras(encoder, f"{directory}/{KERAS_FILENAME}")
+    model_card = cards.make_card(
+        name=name, input_shape=shape, embedding_dim=embedding_dim(encoder), run=run, metrics=metrics,
+        files=hash_tree(directory), description=description,
+    )
+    with tf.io.gfile.GFile(f"{directory}/{cards.CARD_FILENAME}", "w") as f:
+        f.write(cards.to_json(model_card))
+    return model_card
+
+
+def _signature_keys(saved_model_pb: str) -> dict[str, tuple[list[str], list[str]]]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(saved_model_pb, "rb") as f:
+        proto.ParseFromString(f.read())
+    signatures = proto.meta_graphs[0].signature_def
+    return {k: (sorted(s.inputs), sorted(s.outputs)) for k, s in signatures.items()}
+
+
+def verify_artifact(directory: str, encoder: keras.Model, atol: float = 1e-5) -> None:
+    """Checks a written artifact before it is published; raises `ArtifactError` if anything is off.
+
+    Files present, both serving signatures with the contract's keys, and the `.keras` file
+    reloads (in this process, without custom_objects) into a model that computes the same
+    features as `encoder` on a fixed random batch.
+    """
+    import numpy as np
+
+    from zoo.errors import ArtifactError
+
+    missing = [f for f in REQUIRED_FILES if not tf.io.gfile.exists(f"{directory}/{f}")]
+    if missing:
+        raise ArtifactError(f"The written artifact in {directory} lacks {missing}; nothing was published.")
+    expected = {
+        SERVING_DEFAULT: ([IMAGES_KEY], [EMBEDDING_KEY]),
+        EMBED_BYTES: ([IMAGE_BYTES_KEY], [EMBEDDING_KEY]),
+    }
+    found = _signature_keys(f"{directory}/saved_model.pb")
+    for signature, keys in expected.items():
+        if found.get(signature) != keys:
+            raise ArtifactError(f"SavedModel signature {signature} is {found.get(signature)}, expected {keys}.")
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, KERAS_FILENAME)
+        tf.io.gfile.copy(f"{directory}/{KERAS_FILENAME}", local)
+        reloaded = keras.saving.load_model(local, compile=False)
+    height, width, channels = encoder_input_shape(encoder)
+    images = np.random.default_rng(0).uniform(0, 255, (2, height, width, channels)).astype("float32")
+    before = np.asarray(encoder(images, training=False))
+    after = np.asarray(reloaded(images, training=False))
+    if before.shape != after.shape or not np.allclose(before, after, atol=atol, rtol=1e-5):
+        raise ArtifactError(
+            "The saved encoder.keras does not reproduce the encoder's features; a custom layer probably "
+            "lacks get_config or registration (keras.saving.register_keras_serializable). Nothing was published."
+        )
