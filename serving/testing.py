@@ -67,3 +67,31 @@ def export_toy_model(base: str, name: str, version: int, shape=(8, 8, 1), dim=4,
 
 def encode_png(image: np.ndarray) -> bytes:
     return tf.io.encode_png(tf.constant(image, tf.uint8)).numpy()
+
+
+def write_broken_version(base: str, name: str, version: int) -> str:
+    """A version directory whose saved_model.pb is garbage: loading it must fail cleanly."""
+    target = os.path.join(base, name, str(version))
+    os.makedirs(target, exist_ok=True)
+    with open(os.path.join(target, "saved_model.pb"), "wb") as f:
+        f.write(b"this is not a SavedModel")
+    return target
+
+
+def http_call(url: str, method: str = "GET", body=None, timeout: float = 30.0):
+    """(status, parsed JSON or text) of one HTTP request; errors are answers, not exceptions."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode(errors="replace")

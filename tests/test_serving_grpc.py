@@ -1,0 +1,215 @@
+"""gRPC API of serving.server, judged by the official tensorflow-serving-api stubs."""
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                     inference_pb2, model_management_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc, regression_pb2)
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.server import ModelServer
+from serving.testing import ToyEncoder, encode_png, export_toy_model, write_broken_version
+
+CONFIG = """
+model_config_list {
+  config {
+    name: "toy" base_path: "%(base)s/toy" model_platform: "tensorflow"
+    model_version_policy { all {} }
+    version_labels { key: "stable" value: 1 }
+    version_labels { key: "canary" value: 2 }
+  }
+  config { name: "latest" base_path: "%(base)s/toy" model_platform: "tensorflow" }
+  config {
+    name: "pinned" base_path: "%(base)s/toy" model_platform: "tensorflow"
+    model_version_policy { specific { versions: 1 } }
+  }
+  config {
+    name: "broken" base_path: "%(base)s/broken" model_platform: "tensorflow"
+    model_version_policy { all {} }
+  }
+}
+"""
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("models"))
+    export_toy_model(base, "toy", 1)
+    export_toy_model(base, "toy", 2)
+    export_toy_model(base, "broken", 1)
+    write_broken_version(base, "broken", 2)
+    config = text_format.Parse(CONFIG % {"base": base}, model_server_config_pb2.ModelServerConfig())
+    srv = ModelServer(config, rest_port=None, file_system_poll_wait_seconds=0)
+    srv.start()
+    srv.base = base
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        yield ch
+
+
+@pytest.fixture
+def predict(channel):
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+@pytest.fixture
+def models(channel):
+    return model_service_pb2_grpc.ModelServiceStub(channel)
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.float32)
+
+
+def predict_request(name="toy", inputs=None, version=None, label=None, signature=None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    if signature:
+        request.model_spec.signature_name = signature
+    for key, value in (inputs if inputs is not None else {"images": IMAGES}).items():
+        request.inputs[key].CopyFrom(value if isinstance(value, type(request.inputs[key])) else tf.make_tensor_proto(value))
+    return request
+
+
+def expect_code(call, code):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()
+
+
+def test_predict_latest_version_and_specific_versions(predict):
+    response = predict.Predict(predict_request())
+    assert response.model_spec.name == "toy"
+    assert response.model_spec.version.value == 2
+    assert response.model_spec.signature_name == "serving_default"
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["embedding"]), ToyEncoder(seed=2).numpy_embed(IMAGES),
+                               rtol=1e-5, atol=1e-6)
+    v1 = predict.Predict(predict_request(version=1))
+    assert v1.model_spec.version.value == 1
+    np.testing.assert_allclose(tf.make_ndarray(v1.outputs["embedding"]), ToyEncoder(seed=1).numpy_embed(IMAGES),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_labels_route_to_their_versions(predict):
+    assert predict.Predict(predict_request(label="stable")).model_spec.version.value == 1
+    assert predict.Predict(predict_request(label="canary")).model_spec.version.value == 2
+    expect_code(lambda: predict.Predict(predict_request(label="nope")), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_version_policies(models, predict):
+    def versions(name):
+        status = models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": name}))
+        return {s.version: s.state for s in status.model_version_status}
+
+    assert versions("toy") == {1: State.AVAILABLE, 2: State.AVAILABLE}  # all
+    assert versions("latest") == {2: State.AVAILABLE}                  # default latest{1}
+    assert versions("pinned") == {1: State.AVAILABLE}                  # specific
+    assert predict.Predict(predict_request("pinned")).model_spec.version.value == 1
+    expect_code(lambda: predict.Predict(predict_request("latest", version=1)), grpc.StatusCode.NOT_FOUND)
+
+
+def test_bytes_signature_and_output_filter(predict):
+    blobs = [encode_png(img.astype(np.uint8)) for img in IMAGES]
+    response = predict.Predict(predict_request(inputs={"image_bytes": np.array(blobs, dtype=object)},
+                                               signature="embed_bytes"))
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["embedding"]), ToyEncoder(seed=2).numpy_embed(IMAGES),
+                               rtol=1e-5, atol=1e-6)
+    request = predict_request()
+    request.output_filter.append("nope")
+    expect_code(lambda: predict.Predict(request), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+@pytest.mark.parametrize("case, code", [
+    ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT),
+    ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT),
+    ("missing_input", grpc.StatusCode.INVALID_ARGUMENT),
+    ("corrupt_image", grpc.StatusCode.INVALID_ARGUMENT),
+    ("unknown_model", grpc.StatusCode.NOT_FOUND),
+    ("unknown_version", grpc.StatusCode.NOT_FOUND),
+    ("unknown_signature", grpc.StatusCode.FAILED_PRECONDITION),
+    ("no_name", grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_requests_get_canonical_codes_and_server_keeps_serving(predict, case, code):
+    requests = {
+        "wrong_dtype": predict_request(inputs={"images": IMAGES.astype(np.float64)}),
+        "wrong_shape": predict_request(inputs={"images": np.zeros((2, 9, 8, 1), np.float32)}),
+        "missing_input": predict_request(inputs={"pixels": IMAGES}),
+        "corrupt_image": predict_request(inputs={"image_bytes": np.array([b"not an image"], dtype=object)},
+                                         signature="embed_bytes"),
+        "unknown_model": predict_request("nope"),
+        "unknown_version": predict_request(version=7),
+        "unknown_signature": predict_request(signature="nope"),
+        "no_name": predict_request(""),
+    }
+    details = expect_code(lambda: predict.Predict(requests[case]), code)
+    assert details  # says what went wrong
+    assert predict.Predict(predict_request()).model_spec.version.value == 2
+
+
+def test_get_model_metadata(predict):
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "toy"
+    response = predict.GetModelMetadata(request)
+    assert response.model_spec.version.value == 2
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(sig_map)
+    default = sig_map.signature_def["serving_default"]
+    assert default.inputs["images"].dtype == tf.float32.as_datatype_enum
+    assert [d.size for d in default.inputs["images"].tensor_shape.dim] == [-1, 8, 8, 1]
+    assert "embedding" in default.outputs
+    assert sig_map.signature_def["embed_bytes"].inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    bad = get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "toy"}, metadata_field=["nope"])
+    expect_code(lambda: predict.GetModelMetadata(bad), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_model_status_reports_unloadable_version_and_others_keep_serving(models, predict):
+    status = models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "broken"}))
+    ok, row = status.model_version_status
+    assert (ok.version, ok.state, ok.status.error_code) == (1, State.AVAILABLE, 0)
+    assert row.version == 2 and row.state == State.END
+    assert row.status.error_code != 0 and row.status.error_message
+    assert predict.Predict(predict_request("broken")).model_spec.version.value == 1
+    one = models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "toy", "version": {"value": 1}}))
+    assert [(s.version, s.state, s.status.error_code) for s in one.model_version_status] == [(1, State.AVAILABLE, 0)]
+    expect_code(lambda: models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "nope"})),
+                grpc.StatusCode.NOT_FOUND)
+
+
+def test_classify_regress_multiinference_unimplemented_without_such_signature(predict):
+    examples = {"model_spec": {"name": "toy"}, "input": {"example_list": {"examples": [{}]}}}
+    expect_code(lambda: predict.Classify(classification_pb2.ClassificationRequest(**examples)),
+                grpc.StatusCode.UNIMPLEMENTED)
+    expect_code(lambda: predict.Regress(regression_pb2.RegressionRequest(**examples)),
+                grpc.StatusCode.UNIMPLEMENTED)
+    multi = inference_pb2.MultiInferenceRequest(input=examples["input"])
+    multi.tasks.add(model_spec={"name": "toy"}, method_name="tensorflow/serving/classify")
+    expect_code(lambda: predict.MultiInference(multi), grpc.StatusCode.UNIMPLEMENTED)
+
+
+def test_reload_config_adds_and_removes_models(server, models, predict):
+    config = model_server_config_pb2.ModelServerConfig()
+    config.CopyFrom(server.manager.config)
+    config.model_config_list.config.add(name="extra", base_path=f"{server.base}/toy", model_platform="tensorflow")
+    models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config))
+    assert predict.Predict(predict_request("extra")).model_spec.name == "extra"
+    del config.model_config_list.config[-1]
+    models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config))
+    expect_code(lambda: predict.Predict(predict_request("extra")), grpc.StatusCode.NOT_FOUND)
+    bad = model_server_config_pb2.ModelServerConfig()
+    bad.model_config_list.config.add(name="x", base_path="/tmp/x", model_platform="pytorch")
+    expect_code(lambda: models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=bad)),
+                grpc.StatusCode.INVALID_ARGUMENT)
+    assert predict.Predict(predict_request()).model_spec.version.value == 2  # old config still serves
