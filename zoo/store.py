@@ -41,7 +41,7 @@ from zoo.errors import (
     ReadOnlyStoreError,
     StoreUnreachableError,
 )
-from zoo.index import Index, validate_name
+from zoo.index import Index, parse_ref, validate_name
 
 INDEX_FILENAME = "index.json"
 LOCK_FILENAME = "index.lock"
@@ -466,13 +466,16 @@ def open_store(store=None):
     return DirStore(root)
 
 
-def serving_base_path(name: str, store=None, versions=None) -> str:
+def serving_base_path(ref: str, store=None, versions=None) -> str:
     """TF Serving base path (`<base>/<name>`, integer version dirs inside) of a published model.
 
-    For http stores the versions are downloaded (verified) into the local cache first.
-    This is what `serving` puts into its model config for `zoo serve NAME`.
+    `ref` is "name" or "name:version". For http stores the versions (default all, or the
+    one in `ref`) are downloaded and verified into the local cache first; a directory
+    store's base path always holds every published version (choose with the server's
+    version policy). This is what `serving` puts into its model config for `zoo serve NAME`.
     """
+    name, version = parse_ref(ref)
     st = open_store(store)
     index = st.read_index()
     index.versions(name)  # raises NotFoundError with suggestions for unknown names
-    return st.base_path(name, versions)
+    return st.base_path(name, [version] if version is not None else versions)
