@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import logging
 import re
+import socket
 import threading
 from urllib.parse import unquote
 
@@ -130,6 +131,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "ssl-zoo-serving"
     app: RestServer
 
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt, *args):
         log.debug("%s - %s", self.address_string(), fmt % args)
 
@@ -159,8 +164,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        # Headers and body in one write: two small writes meet Nagle + delayed ACK (40 ms stalls).
+        self._headers_buffer.extend([b"\r\n", body])
+        self.flush_headers()
 
     def do_GET(self):
         self._serve("GET")

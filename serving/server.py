@@ -215,19 +215,20 @@ _OWN_FLAGS = ("host", "max_body_bytes", "backend", "names")
 
 
 def _zoo_config(names: list[str]):
-    """A ModelServerConfig serving published zoo entries from the zoo store."""
-    try:
-        import zoo  # noqa: PLC0415  (serving only needs zoo for `zoo serve NAME`)
-        resolve = getattr(zoo, "serving_base_path", None)
-        if resolve is None:
-            from zoo import store  # noqa: PLC0415
-            resolve = store.serving_base_path
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"serving zoo entries by name needs zoo.serving_base_path: {exc}") from exc
+    """A ModelServerConfig serving published zoo entries ("name" or "name:version") from the zoo store."""
+    import zoo  # noqa: PLC0415  (serving needs zoo only for `zoo serve NAME`)
+    from zoo.index import parse_ref  # noqa: PLC0415
+
     config = protos.ModelServerConfig()
     for ref in names:
-        name = ref.split(":", 1)[0]
-        config.model_config_list.config.add(name=name, base_path=str(resolve(ref)), model_platform="tensorflow")
+        try:
+            name, version = parse_ref(ref)
+            base_path = str(zoo.serving_base_path(ref))
+        except Exception as exc:  # noqa: BLE001  (unknown name, unreachable store: one clear message)
+            raise ValueError(f"cannot serve zoo entry {ref!r}: {exc}") from exc
+        model = config.model_config_list.config.add(name=name, base_path=base_path, model_platform="tensorflow")
+        if isinstance(version, int):
+            model.model_version_policy.specific.versions.append(version)
     return config
 
 

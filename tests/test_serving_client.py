@@ -140,3 +140,23 @@ def test_serve_uses_tensorflow_model_server_when_on_path(tmp_path, monkeypatch):
     assert "--model_name=enc" in argv and "--model_base_path=/models/enc" in argv
     assert "--enable_batching=true" in argv and "--port=8500" in argv and "--rest_api_port=8501" in argv
     assert not any(a.startswith(("--host", "--backend")) for a in argv)
+
+
+def test_zoo_serve_names_resolve_through_the_zoo_store(monkeypatch, tmp_path):
+    import zoo
+    calls = []
+
+    def fake_base_path(ref, store=None, versions=None):
+        calls.append(ref)
+        if ref.startswith("missing"):
+            raise LookupError("no such model")
+        return str(tmp_path / ref.split(":")[0])
+
+    monkeypatch.setattr(zoo, "serving_base_path", fake_base_path)
+    config = server_mod._zoo_config(["enc_a", "enc_b:2"])
+    a, b = config.model_config_list.config
+    assert (a.name, a.base_path, a.model_version_policy.WhichOneof("policy_choice")) == ("enc_a", str(tmp_path / "enc_a"), None)
+    assert (b.name, list(b.model_version_policy.specific.versions)) == ("enc_b", [2])
+    with pytest.raises(ValueError, match="missing"):
+        server_mod._zoo_config(["missing"])
+    assert server_mod.main(["serve", "--backend=python", "missing"]) == 1
