@@ -137,7 +137,7 @@ def gaussian_blur(x, draws: _Draws, p: float):
     return tf.where(_broadcast(draws.bernoulli(p)), blurred, x)
 
 
-def random_view(images, seed, policy: ViewPolicy, global_batch: int):
+def random_view(images, seed, policy: ViewPolicy, global_batch: int, output_size=None):
     """One augmented view of a batch.
 
     Args:
@@ -145,11 +145,15 @@ def random_view(images, seed, policy: ViewPolicy, global_batch: int):
       seed: int32 [2] stateless seed, equal on all replicas for this step and view.
       policy: the augmentation parameters.
       global_batch: rows of the whole batch across replicas.
+      output_size: (height, width) of the view; default the input's. Multi-crop
+        (DINO's local views) resizes its crops to a smaller side.
 
     Returns:
-      [B, H, W, C] float32 in [0, 255].
+      [B, height, width, C] float32 in [0, 255].
     """
     local_batch, height, width, channels = images.shape
+    if output_size is not None:
+        height, width = (int(d) for d in output_size)
     local_batch = local_batch or tf.shape(images)[0]
     draws = _Draws(seed, global_batch, local_batch)
     x = tf.cast(images, tf.float32) / 255.0
@@ -164,3 +168,27 @@ def random_view(images, seed, policy: ViewPolicy, global_batch: int):
     if policy.solarize_p > 0:
         x = tf.where(_broadcast(draws.bernoulli(policy.solarize_p)) & (x >= 0.5), 1.0 - x, x)
     return x * 255.0
+
+
+# ---- the policies of the papers, as presets ----------------------------------------
+# SimCLR (Chen et al. 2020, appendix A): crop scale 0.08-1, colour jitter of strength
+# s=1 (0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2, blur p=0.5 (ImageNet only).
+SIMCLR = ViewPolicy(crop_scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+
+# NPID (Wu et al. 2018, code): crop 0.2-1, grayscale p=0.2, jitter 0.4 always, flip; no blur.
+NPID = ViewPolicy(crop_scale=(0.2, 1.0), hue=0.4, jitter_p=1.0, blur_p=0.0)
+
+# BYOL (Grill et al. 2020, table 6): the two views differ. Blur p=1.0 / 0.1 and
+# solarization p=0.0 / 0.2; jitter (0.4, 0.4, 0.2, 0.1) p=0.8. Barlow Twins reuses them.
+BYOL_VIEW_1 = ViewPolicy(crop_scale=(0.08, 1.0), saturation=0.2, blur_p=1.0, solarize_p=0.0)
+BYOL_VIEW_2 = ViewPolicy(crop_scale=(0.08, 1.0), saturation=0.2, blur_p=0.1, solarize_p=0.2)
+
+# DINO (Caron et al. 2021, appendix / main_dino.py): BYOL's two global views at crop
+# scale 0.4-1, local views at scale 0.05-0.4 with blur p=0.5.
+DINO_GLOBAL_1 = dataclasses.replace(BYOL_VIEW_1, crop_scale=(0.4, 1.0))
+DINO_GLOBAL_2 = dataclasses.replace(BYOL_VIEW_2, crop_scale=(0.4, 1.0))
+DINO_LOCAL = dataclasses.replace(BYOL_VIEW_1, crop_scale=(0.05, 0.4), blur_p=0.5)
+
+# CPC v2 (Henaff et al. 2019, sec. 4.1) augments every patch independently (colour
+# dropping, flips, small spatial jitter); a mild crop plus jitter/grayscale per patch.
+CPC_PATCH = ViewPolicy(crop_scale=(0.6, 1.0), blur_p=0.0)

@@ -30,3 +30,64 @@ def mlp(hidden_dim: int, output_dim: int, num_layers: int = 2, batch_norm: bool 
         blocks.append(layers.BatchNormalization(momentum=0.9, epsilon=1e-5, center=False, scale=False,
                                                 name=f"{name}_out_bn"))
     return keras.Sequential(blocks, name=name)
+
+
+def at_input_shape(encoder: keras.Model, input_shape, name=None) -> keras.Model:
+    """The same encoder (the same layers and weights) taking images of another shape.
+
+    A functional encoder checks its inputs against the shape it was built with, but
+    a convolutional trunk with global pooling is defined on any size. Multi-crop
+    (DINO's smaller local views) and CPC's patches need the encoder on other sizes;
+    rebuilding the graph on a new `keras.Input` shares every layer, so gradients
+    reach the one set of weights the zoo publishes.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    if tuple(encoder.input_shape[1:]) == input_shape:
+        return encoder
+    images = keras.Input(shape=input_shape, name="images")
+    return keras.Model(images, encoder.call(images), name=name or f"{encoder.name}_at_{'x'.join(map(str, input_shape))}")
+
+
+@keras.saving.register_keras_serializable(package="ssl_recipes")
+class WeightNormDense(layers.Layer):
+    """A bias-free linear layer with weight normalization (Salimans & Kingma 2016).
+
+    W = g * v / ||v|| column by column. DINO's last layer: with `fixed_norm=True`
+    (the paper's `norm_last_layer`) g is frozen at 1, so every prototype has unit
+    norm and the logits are cosines, which stabilizes training.
+    """
+
+    def __init__(self, units: int, fixed_norm: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.fixed_norm = bool(fixed_norm)
+
+    def build(self, input_shape):
+        self.direction = self.add_weight(shape=(input_shape[-1], self.units), initializer="glorot_uniform",
+                                         name="direction")
+        self.magnitude = self.add_weight(shape=(self.units,), initializer="ones", name="magnitude",
+                                         trainable=not self.fixed_norm)
+
+    def call(self, x):
+        w = self.direction / keras.ops.sqrt(keras.ops.sum(keras.ops.square(self.direction), axis=0) + 1e-12)
+        return keras.ops.matmul(x, w * self.magnitude)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "fixed_norm": self.fixed_norm}
+
+
+def dino_head(output_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+              num_layers: int = 3, norm_last_layer: bool = True, name: str = "dino_head") -> keras.Sequential:
+    """DINO's projection head (Caron et al. 2021, sec. 3.1 and fig. 9).
+
+    A `num_layers` MLP (hidden 2048, GELU, no BN) down to a 256-d bottleneck,
+    L2 normalization, then a weight-normalized linear layer to K = `output_dim`
+    prototypes. Without BN the head is the same function on any batch split.
+    """
+    blocks = []
+    for i in range(num_layers - 1):
+        blocks.append(layers.Dense(hidden_dim, activation="gelu", name=f"{name}_dense{i + 1}"))
+    blocks.append(layers.Dense(bottleneck_dim, name=f"{name}_bottleneck"))
+    blocks.append(layers.UnitNormalization(axis=-1, name=f"{name}_l2"))
+    blocks.append(WeightNormDense(output_dim, fixed_norm=norm_last_layer, name=f"{name}_prototypes"))
+    return keras.Sequential(blocks, name=name)

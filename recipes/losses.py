@@ -43,3 +43,188 @@ def contrastive_accuracy(queries, positive_keys, negative_keys):
     positive_logits = tf.reduce_sum(queries * positive_keys, axis=-1)
     best_negative = tf.reduce_max(tf.matmul(queries, negative_keys, transpose_b=True), axis=1)
     return tf.reduce_mean(tf.cast(positive_logits > best_negative, tf.float32))
+
+
+def cross_entropy_with_index(logits, positive_index):
+    """-log softmax(logits)[positive_index] per row: the shared core of InfoNCE variants."""
+    positive_logits = tf.gather(logits, positive_index, axis=1, batch_dims=1)
+    return tf.reduce_logsumexp(logits, axis=1) - positive_logits
+
+
+def nt_xent(z_1, z_2, temperature, all_z_1=None, all_z_2=None, offset=0):
+    """NT-Xent, the normalized-temperature cross entropy of SimCLR (Chen et al. 2020, eq. 1).
+
+    Each of the 2N views in a batch is an anchor; its positive is the other view of
+    the same image and its negatives are the 2N - 2 views of the other images:
+        l(i, j) = -log( exp(s_ij / T) / sum_{k != i} exp(s_ik / T) ),  s = cosine.
+
+    Under tf.distribute a replica holds only its anchors (`z_1`, `z_2`, its rows of
+    the batch) but contrasts them with the *global* batch (`all_z_1`, `all_z_2`,
+    gathered with `distribute.all_gather`); `offset` is the global row of its first
+    anchor. Without them the local batch is the whole batch.
+
+    Args:
+      z_1, z_2: [b, D] projections of the two views of this replica's images.
+      temperature: T (0.5 for CIFAR-scale batches, 0.1 for ImageNet with 4096).
+      all_z_1, all_z_2: [N, D] projections of the global batch, or None.
+      offset: global index of row 0 of `z_1`.
+
+    Returns:
+      [2b] per-anchor losses: the anchors of view 1, then those of view 2.
+    """
+    all_z_1 = z_1 if all_z_1 is None else all_z_1
+    all_z_2 = z_2 if all_z_2 is None else all_z_2
+    z_1, z_2 = l2_normalize(z_1), l2_normalize(z_2)
+    candidates = l2_normalize(tf.concat([all_z_1, all_z_2], axis=0))  # [2N, D]
+    global_rows = all_z_1.shape[0] or tf.shape(all_z_1)[0]
+    rows = tf.range(tf.shape(z_1)[0]) + offset
+    anchors = tf.concat([z_1, z_2], axis=0)
+    self_index = tf.concat([rows, rows + global_rows], axis=0)
+    positive_index = tf.concat([rows + global_rows, rows], axis=0)
+    logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature
+    # An anchor is not its own negative: mask its similarity with itself out of the softmax.
+    self_mask = tf.one_hot(self_index, tf.shape(candidates)[0], on_value=-1e9, off_value=0.0)
+    return cross_entropy_with_index(logits + self_mask, positive_index)
+
+
+def instance_softmax(features, memory, index, temperature):
+    """NPID's non-parametric softmax over a memory bank (Wu et al. 2018, eq. 2).
+
+    P(i | v) = exp(v_i . v / T) / sum_j exp(v_j . v / T), where v = f(x_i) is the
+    current feature of image i and the v_j are the bank's entries for *all* n images:
+    every image is its own class, and the class "weights" are remembered features.
+
+    Args:
+      features: [B, D] L2-normalized features of the batch.
+      memory: [n, D] the memory bank.
+      index: [B] dataset index of each image (its row in the bank).
+      temperature: T (0.07).
+
+    Returns:
+      [B] per-example -log P(i | v_i).
+    """
+    logits = tf.matmul(features, memory, transpose_b=True) / temperature
+    return cross_entropy_with_index(logits, tf.cast(index, tf.int32))
+
+
+def instance_nce(positive_similarity, noise_similarity, temperature, log_normalizer, dataset_size):
+    """NPID's noise-contrastive estimate of the instance softmax (Wu et al. 2018, eq. 3-6).
+
+    With P(i|v) = exp(s/T) / Z and uniform noise P_n = 1/n, each data sample is told
+    apart from m noise samples by h(i, v) = P(i|v) / (P(i|v) + m P_n):
+        loss = -log h(i, v_i) - sum_{noise j} log(1 - h(i, v'_j)).
+    Z is a constant (a Monte-Carlo estimate, `log_normalizer` = log Z), so the cost
+    per image is m + 1 dot products instead of n. Computed in log space:
+    -log h = softplus(log(m P_n) - log P) and -log(1 - h) = softplus(log P - log(m P_n)).
+
+    Args:
+      positive_similarity: [B] v_i . f(x_i), the bank entry of the image itself.
+      noise_similarity: [B, m] v_j . f(x_i) for m noise entries.
+      temperature: T.
+      log_normalizer: scalar log Z.
+      dataset_size: n.
+
+    Returns:
+      [B] per-example NCE losses.
+    """
+    num_noise = noise_similarity.shape[-1] or tf.shape(noise_similarity)[-1]
+    log_noise = tf.math.log(tf.cast(num_noise, tf.float32) / float(dataset_size))  # log(m P_n)
+    log_p_positive = positive_similarity / temperature - log_normalizer
+    log_p_noise = noise_similarity / temperature - log_normalizer
+    return tf.nn.softplus(log_noise - log_p_positive) + tf.reduce_sum(
+        tf.nn.softplus(log_p_noise - log_noise), axis=-1
+    )
+
+
+def cpc_info_nce(predictions, candidates, positive_index):
+    """CPC's InfoNCE (van den Oord et al. 2018, eq. 4; Henaff et al. 2019, eq. 3).
+
+    A prediction z_hat of the patch k rows below must score its true latent z
+    higher (by the bilinear score z_hat . z, no normalization, no temperature) than
+    the latents of all other patches, of this and of other images.
+
+    Args:
+      predictions: [M, D] predicted latents W_k c.
+      candidates: [P, D] latents of every patch of the (global) batch.
+      positive_index: [M] row of each prediction's true patch in `candidates`.
+
+    Returns:
+      [M] per-prediction losses.
+    """
+    logits = tf.matmul(predictions, candidates, transpose_b=True)
+    return cross_entropy_with_index(logits, tf.cast(positive_index, tf.int32))
+
+
+def byol_loss(predictions, targets):
+    """BYOL's normalized mean squared error (Grill et al. 2020, eq. 2).
+
+    ||q/|q| - z'/|z'|||^2 = 2 - 2 cos(q, z'). No negatives: the target network is an
+    EMA of the online one, and collapse is avoided by the predictor plus the
+    stop-gradient on the target. Per example, one direction; the recipe adds the
+    swapped direction (eq. 3, the symmetric loss).
+
+    Returns:
+      [B] per-example losses in [0, 4].
+    """
+    cosine = tf.reduce_sum(l2_normalize(predictions) * l2_normalize(tf.stop_gradient(targets)), axis=-1)
+    return 2.0 - 2.0 * cosine
+
+
+def batch_standardize(z, epsilon=1e-5):
+    """(z - mean) / std over the batch dimension, biased variance: BatchNorm without affine."""
+    mean, variance = tf.nn.moments(z, axes=[0])
+    return (z - mean) / tf.sqrt(variance + epsilon)
+
+
+def barlow_twins_loss(z_1, z_2, lambda_offdiag=5e-3):
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, eq. 1-2).
+
+    C = bn(z_1)^T bn(z_2) / N is the cross-correlation of the two views' embeddings
+    over the batch. The invariance term pushes its diagonal to 1 (each feature agrees
+    across views), the redundancy-reduction term its off-diagonal to 0 (features are
+    decorrelated):  sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2.
+
+    This is a loss of the whole batch, not a mean of per-example terms: pass the
+    embeddings of the *global* batch.
+
+    Returns:
+      A scalar.
+    """
+    batch = tf.cast(tf.shape(z_1)[0], tf.float32)
+    correlation = tf.matmul(batch_standardize(z_1), batch_standardize(z_2), transpose_a=True) / batch
+    diagonal = tf.linalg.diag_part(correlation)
+    on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
+    off_diagonal = tf.reduce_sum(tf.square(correlation)) - tf.reduce_sum(tf.square(diagonal))
+    return on_diagonal + lambda_offdiag * off_diagonal
+
+
+def dino_loss(student_logits, teacher_logits, center, student_temperature, teacher_temperature):
+    """DINO's self-distillation cross entropy (Caron et al. 2021, eq. 1-2 and sec. 3.1).
+
+    The teacher's distribution over K prototype "classes" is centred (subtract the
+    running mean of its outputs: prevents one dimension from dominating) and
+    sharpened (a low temperature: prevents the uniform collapse that centring alone
+    would favour). Every student view learns to predict every *other* teacher view:
+        sum_{t} sum_{s != t} H(softmax((g_t - c) / T_t), softmax(g_s / T_s)) / #pairs.
+
+    Args:
+      student_logits: list of [B, K], the student's output for every view: the
+        global views first, in the order of `teacher_logits`, then the local views.
+      teacher_logits: list of [B, K], the teacher's output for the global views.
+      center: [K] running centre of the teacher's outputs.
+      student_temperature: T_s (0.1).
+      teacher_temperature: T_t (0.04 -> 0.07 during warm-up).
+
+    Returns:
+      [B] per-example losses averaged over the (teacher, student) pairs.
+    """
+    total, pairs = 0.0, 0
+    student_log_probs = [tf.nn.log_softmax(s / student_temperature, axis=-1) for s in student_logits]
+    for t, teacher in enumerate(teacher_logits):
+        target = tf.stop_gradient(tf.nn.softmax((teacher - center) / teacher_temperature, axis=-1))
+        for s, log_probs in enumerate(student_log_probs):
+            if s == t:  # the same view: nothing to learn from predicting yourself
+                continue
+            total += -tf.reduce_sum(target * log_probs, axis=-1)
+            pairs += 1
+    return total / pairs
