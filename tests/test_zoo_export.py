@@ -9,7 +9,7 @@ from zoo import backbones, export
 
 @pytest.fixture(scope="module")
 def encoder():
-    return backbones.build("resnet18_small", (32, 32, 3), width=0.125)
+    return backbones.build("resnet18_small", (16, 16, 3), width=0.125)
 
 
 def _reference(encoder, images):
@@ -23,7 +23,7 @@ def test_both_signatures_match_keras_encoder(encoder, tmp_path):
     loaded = tf.saved_model.load(path)
     assert set(loaded.signatures) == {"serving_default", "embed_bytes"}
 
-    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("uint8")
     expected = _reference(encoder, images)
     by_pixels = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))["embedding"]
     pngs = tf.stack([tf.io.encode_png(image) for image in images])

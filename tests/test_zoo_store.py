@@ -132,6 +132,7 @@ root, go, i = sys.argv[1], sys.argv[2], int(sys.argv[3])
 keras.utils.set_random_seed(i)
 inputs = keras.Input((4, 4, 1), name="images")
 encoder = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+open(f"{go}.ready{i}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.01)
 print(zoo.publish(name="shared", encoder=encoder, store=root, description=f"worker {i}"))
@@ -149,7 +150,10 @@ def test_concurrent_publishers_lose_nothing(tmp_path):
     # Release them together once all have imported TensorFlow (their slowest part).
     import time
 
-    time.sleep(12)
+    deadline = time.monotonic() + 240
+    while not all(os.path.exists(f"{go}.ready{i}") for i in range(8)) and time.monotonic() < deadline:
+        assert all(w.poll() is None for w in workers), "a publisher died during start-up"
+        time.sleep(0.1)
     open(go, "w").close()
     results = [w.communicate(timeout=240) for w in workers]
     for w, (out, err) in zip(workers, results):

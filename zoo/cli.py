@@ -169,26 +169,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
     argv = list(sys.argv[1:] if argv is None else argv)
     delegated = _split_delegated(argv)
-    if delegated is not None:
-        store, command, rest = delegated
-        if store is not None:
-            os.environ["ZOO_HOME"] = store  # serving resolves zoo names through the default store
-        if command == "serve":
-            from serving import server
-
-            return server.main(rest)
-        from serving import client
-
-        return client.main(rest)
-
-    args = _parser().parse_args(argv)
+    args = None if delegated else _parser().parse_args(argv)
     from zoo.errors import ZooError
 
     try:
-        return _run(args)
+        return _delegate(*delegated) if delegated else _run(args)
     except (ZooError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _delegate(store: str | None, command: str, rest: list[str]) -> int:
+    """`zoo serve` / `zoo embed` belong to `serving`, imported only here (zoo never needs it otherwise)."""
+    if store is not None:
+        os.environ["ZOO_HOME"] = store  # serving resolves zoo names through the default store
+    if command == "serve":
+        from serving import server
+
+        return server.main(rest)
+    from serving import client
+
+    return client.main(rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""The Python API and the CLI around a published encoder: run dirs, fine-tuning, export."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import zoo
+from zoo import backbones, cli
+
+SHAPE = (16, 16, 1)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """What `recipes.train --model_dir` leaves behind, minus checkpoints and logs."""
+    path = tmp_path_factory.mktemp("run")
+    encoder = backbones.build("resnet18_small", SHAPE, width=0.125)
+    encoder.save(path / "encoder.keras")
+    run = {"recipe": "simclr", "recipe_config": {"temperature": 0.5, "proj_dim": 32}, "backbone": "resnet18_small",
+           "backbone_width": 0.125, "input_shape": list(SHAPE), "dataset": "fashion_mnist", "train_split": "train",
+           "epochs": 2, "seed": 3, "strategy": "default", "num_replicas": 1, "wall_time_s": 9.0,
+           "images_per_sec": 50.0, "git_commit": "deadbeef"}
+    metrics = {"knn": {"accuracy": 0.7, "protocol": {"k": 200, "t": 0.1}},
+               "linear_probe": {"accuracy": 0.75, "protocol": {"epochs": 30}}}
+    (path / "run.json").write_text(json.dumps(run))
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+def test_cli_publish_list_info_rm(run_dir, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert cli.main(["--store", store, "publish", str(run_dir), "--name", "simclr_tiny", "--label", "stable"]) == 0
+    assert "published simclr_tiny:1" in capsys.readouterr().out
+    assert cli.main(["--store", store, "list"]) == 0
+    out = capsys.readouterr().out
+    assert "simclr_tiny" in out and "knn=0.700" in out and "linear_probe=0.750" in out
+    assert cli.main(["--store", store, "info", "simclr_tiny:stable"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    # What `recipes.train --zoo_entry` needs to retrain:
+    assert card["recipe"] == "simclr" and card["recipe_config"] == {"temperature": 0.5, "proj_dim": 32}
+    assert card["backbone_width"] == 0.125 and card["seed"] == 3 and card["epochs"] == 2
+    assert card["metrics"]["linear_probe"]["protocol"] == {"epochs": 30}
+    assert cli.main(["--store", store, "publish", str(run_dir), "--name", "../evil"]) == 1
+    assert "Invalid model name" in capsys.readouterr().err
+    assert cli.main(["--store", store, "info", "simclr_tiyn"]) == 1
+    assert "Did you mean 'simclr_tiny'" in capsys.readouterr().err
+    assert cli.main(["--store", store, "rm", "simclr_tiny:1"]) == 0
+    assert capsys.readouterr().out.strip() == "removed simclr_tiny:1"
+    assert cli.main(["--store", store, "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_publish_rejects_incomplete_run_dirs(run_dir, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "run.json").write_text((run_dir / "run.json").read_text())
+    with pytest.raises(zoo.ArtifactError, match="metrics.json is missing"):
+        zoo.publish(str(incomplete), name="x", store=str(tmp_path / "store"))
+
+
+def test_loaded_encoder_fine_tunes(run_dir, tmp_path):
+    store = str(tmp_path / "store")
+    zoo.publish(str(run_dir), name="simclr_tiny", store=store)
+    encoder = zoo.load("simclr_tiny", store=store)
+    assert encoder.trainable_weights
+    keras.utils.set_random_seed(0)
+    classifier = keras.Sequential([encoder, keras.layers.Dense(3)])
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-2),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (24, *SHAPE)).astype("float32")
+    labels = rng.integers(0, 3, 24)
+    before = [w.numpy().copy() for w in encoder.trainable_weights]
+    history = classifier.fit(images, labels, batch_size=24, epochs=8, verbose=0).history["loss"]
+    assert history[-1] < history[0] * 0.8, history
+    assert any(not np.allclose(a, w.numpy()) for a, w in zip(before, encoder.trainable_weights))
+
+
+def test_export_saved_model_and_onnx(run_dir, tmp_path, capsys):
+    import tensorflow as tf
+
+    store = str(tmp_path / "store")
+    zoo.publish(str(run_dir), name="simclr_tiny", store=store)
+    encoder = zoo.load("simclr_tiny", store=store)
+    images = np.random.default_rng(1).uniform(0, 255, (2, *SHAPE)).astype("float32")
+    features = encoder(images, training=False).numpy()
+    expected = features / np.linalg.norm(features, axis=1, keepdims=True)
+
+    out = str(tmp_path / "sm")
+    assert cli.main(["--store", store, "export", "simclr_tiny", "--format=saved_model", "--output", out]) == 0
+    served = tf.saved_model.load(out).signatures["serving_default"](images=tf.constant(images))["embedding"]
+    np.testing.assert_allclose(served.numpy(), expected, atol=1e-5)
+    assert cli.main(["--store", store, "export", "simclr_tiny", "--output", out]) == 1  # never overwrites
+    assert "exists" in capsys.readouterr().err
+
+    pytest.importorskip("tf2onnx")
+    onnx_path = str(tmp_path / "m.onnx")
+    assert cli.main(["--store", store, "export", "simclr_tiny:1", "--format=onnx", "--output", onnx_path]) == 0
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(onnx_path)
+    result = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(result, features, atol=1e-4)
+
+
+def test_zoo_serve_serves_a_published_entry(run_dir, tmp_path):
+    """`zoo serve NAME` (delegated to serving) answers REST predict with the zoo's embeddings."""
+    import base64
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    import tensorflow as tf
+
+    store = str(tmp_path / "store")
+    zoo.publish(str(run_dir), name="simclr_tiny", store=store)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "zoo.cli", "--store", store, "serve", "simclr_tiny", "--port=0",
+         "--rest_api_port=0", "--backend=python"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while "REST" not in line:
+            line = server.stdout.readline()
+            assert line, "zoo serve exited before serving"
+        port = int(re.search(r"REST (\d+)", line).group(1))
+        images = np.random.default_rng(2).integers(0, 256, (2, *SHAPE)).astype("uint8")
+        instances = [{"b64": base64.b64encode(tf.io.encode_png(i).numpy()).decode()} for i in images]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/simclr_tiny:predict",
+            data=json.dumps({"signature_name": "embed_bytes", "instances": instances}).encode())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        predictions = np.array(json.load(opener.open(request, timeout=60))["predictions"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    np.testing.assert_allclose(predictions, zoo.embed("simclr_tiny", images, store=store), atol=1e-5)
