@@ -109,6 +109,22 @@ class Recipe(keras.Model):
                     values.append(momentum * w_target.value + (1.0 - momentum) * w_online.value)
         distribute.assign_synced(targets, values)
 
+    # ---- what the optimizer updates -----------------------------------------
+    def target_models(self) -> list:
+        """Sub-models updated without gradients (EMA targets); overridden by such recipes.
+
+        They stay `trainable` as Keras layers on purpose: a non-trainable Keras
+        BatchNormalization runs in inference mode, and a key encoder or target
+        network must normalize with batch statistics like the online one.
+        """
+        return []
+
+    @property
+    def optimized_variables(self):
+        """Trainable variables minus those of the target models."""
+        excluded = {id(v) for model in self.target_models() for v in model.trainable_variables}
+        return [v for v in self.trainable_variables if id(v) not in excluded]
+
     # ---- the train step -------------------------------------------------------
     def loss_terms(self, data):
         raise NotImplementedError
@@ -123,13 +139,13 @@ class Recipe(keras.Model):
         """Per-replica loss (already divided by the global batch) and its gradients."""
         with tf.GradientTape() as tape:
             loss, state = self.loss_terms(data)
-        gradients = tape.gradient(loss, self.trainable_variables)
+        gradients = tape.gradient(loss, self.optimized_variables)
         return loss, gradients, state
 
     def train_step(self, data):
         self.before_update(data)
         loss, gradients, state = self.loss_and_gradients(data)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        self.optimizer.apply_gradients(zip(gradients, self.optimized_variables))
         self.after_update(data, state)
         # Each replica's loss is a share of the global mean; the tracker averages replicas.
         self.loss_tracker.update_state(loss * self.num_replicas)
@@ -145,6 +161,13 @@ class Recipe(keras.Model):
     def build(self, input_shape=None):
         """Sub-models are built in __init__; nothing is left to infer from data."""
         self.built = True
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skips Keras's build-from-a-batch under a strategy (a private Keras 3.15 hook).
+
+        It would MEAN-reduce a uint8 batch across workers only to build layers that
+        already exist, and that reduction fails under MultiWorkerMirroredStrategy.
+        """
 
     def call(self, data, training=False):
         images = data["image"] if isinstance(data, dict) else data

@@ -50,6 +50,11 @@ def is_chief() -> bool:
     return task.get("type") == "worker" and task.get("index", 0) == 0
 
 
+def task_index() -> int:
+    """This worker's index in TF_CONFIG (0 outside multi-worker)."""
+    return int(json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {}).get("index", 0))
+
+
 def num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 

@@ -197,11 +197,11 @@ def train(argv=None) -> dict:
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
     hparams = parse_hparams(FLAGS.hparams)
-    keras.utils.set_random_seed(FLAGS.seed)
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()
-    model_dir = FLAGS.model_dir if chief else os.path.join(FLAGS.model_dir, f"worker_tmp_{os.getpid()}")
+    # Every worker must write its checkpoints; only the chief's go to --model_dir.
+    model_dir = FLAGS.model_dir if chief else os.path.join(FLAGS.model_dir, f"worker_{distribute.task_index()}")
     os.makedirs(model_dir, exist_ok=True)
 
     train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir)
@@ -215,13 +215,14 @@ def train(argv=None) -> dict:
     steps = min(full_steps, FLAGS.steps_per_epoch or full_steps)
     total_steps = steps * FLAGS.epochs
 
+    keras.utils.set_random_seed(FLAGS.seed)  # here: data loading may consume Python/numpy randomness
     with strategy.scope():
         encoder = backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width)
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
         recipe.compile(optimizer=make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
                                                 FLAGS.warmup_epochs * steps),
                        jit_compile=FLAGS.jit_compile)
-        recipe.optimizer.build(recipe.trainable_variables)
+        recipe.optimizer.build(recipe.optimized_variables)
         checkpoint = EpochCheckpoint(recipe, os.path.join(model_dir, "checkpoints"))
         initial_epoch = checkpoint.restore()
 
@@ -268,8 +269,9 @@ def train(argv=None) -> dict:
         for name, content in (("run.json", run_info), ("metrics.json", metrics)):
             with open(os.path.join(model_dir, name), "w") as f:
                 json.dump(content, f, indent=2)
-    else:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    else:  # keep only this worker's final encoder, to check workers agree
+        shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+        encoder.save(os.path.join(model_dir, "encoder.keras"))
     knn = metrics["knn"]["accuracy"]
     probe = metrics.get("linear_probe", {}).get("accuracy")
     print(f"kNN accuracy (k=200, T=0.1, {FLAGS.dataset} {FLAGS.test_split}): {knn:.4f}"

@@ -12,7 +12,7 @@ def build_recipe(strategy, make_recipe, weights=None):
     with strategy.scope():
         recipe = make_recipe()
         recipe.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        recipe.optimizer.build(recipe.trainable_variables)
+        recipe.optimizer.build(recipe.optimized_variables)
         if weights is not None:
             recipe.set_weights(weights)
     return recipe
@@ -68,7 +68,7 @@ def compare_one_vs_two_replicas(make_recipe, batch, state_fn=None, atol=1e-5, rt
     loss_2, grads_2 = loss_and_gradients(two, recipe_2, batch)
     np.testing.assert_allclose(loss_2, loss_1, rtol=rtol, atol=atol)
     assert len(grads_1) == len(grads_2) > 0
-    for g1, g2, v in zip(grads_1, grads_2, recipe_1.trainable_variables):
+    for g1, g2, v in zip(grads_1, grads_2, recipe_1.optimized_variables):
         np.testing.assert_allclose(g2, g1, rtol=rtol, atol=atol, err_msg=v.path)
     assert any(np.abs(g).max() > 0 for g in grads_1), "all gradients are zero: the test proves nothing"
 

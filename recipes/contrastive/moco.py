@@ -77,8 +77,6 @@ class MoCo(Recipe):
         self.key_head.build((None, feature_dim))
         self.key_encoder.set_weights(encoder.get_weights())
         self.key_head.set_weights(self.head.get_weights())
-        self.key_encoder.trainable = False
-        self.key_head.trainable = False
         self.queue = FeatureQueue(self.queue_size, self.projection_dim, seed=seed, name="queue")
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_acc")
 
@@ -87,6 +85,9 @@ class MoCo(Recipe):
                 "temperature": self.temperature, "projection_dim": self.projection_dim,
                 "hidden_dim": self.hidden_dim, "bn_splits": self.bn_splits,
                 "symmetric": self.symmetric, "view_policy": self.view_policy.to_config()}
+
+    def target_models(self):
+        return [self.key_encoder, self.key_head]
 
     @property
     def metrics(self):

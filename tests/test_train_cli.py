@@ -1,0 +1,117 @@
+"""The training CLI as users run it: errors, resume after kill -9, NaN stop, multi-worker."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--dataset=synthetic_shapes", "--backbone=resnet18_small", "--width=0.125", "--batch_size=32",
+         "--steps_per_epoch=3", "--knn_every=0", "--probe_epochs=0", "--verbose=0",
+         "--hparams=queue_size=64,hidden_dim=32,projection_dim=16,momentum=0.9"]
+
+
+def _env(tmp_data_dir, **extra):
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_data_dir), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def _train(args, env, **kwargs):
+    return subprocess.run([sys.executable, "-m", "recipes.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.mark.parametrize("flag, listed", [("--recipe=nope", "moco"), ("--backbone=nope", "resnet18_small"),
+                                          ("--dataset=nope", "fashion_mnist")])
+def test_unknown_names_list_the_valid_ones(flag, listed, data_dir, tmp_path):
+    result = _train([*SMALL, f"--model_dir={tmp_path}", "--epochs=1", flag], _env(data_dir))
+    assert result.returncode != 0
+    assert "nope" in result.stderr and listed in result.stderr
+
+
+def _load_weights(path):
+    import keras
+
+    import zoo.backbones  # noqa: F401  (registers the custom layers)
+    return keras.saving.load_model(path).get_weights()
+
+
+def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(data_dir, tmp_path):
+    env = _env(data_dir)
+    reference_dir, interrupted_dir = tmp_path / "reference", tmp_path / "interrupted"
+    args = [*SMALL, "--epochs=3", "--steps_per_epoch=6"]
+    assert _train([*args, f"--model_dir={reference_dir}"], env).returncode == 0
+
+    process = subprocess.Popen([sys.executable, "-m", "recipes.train", *args, f"--model_dir={interrupted_dir}"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (interrupted_dir / "checkpoints" / "checkpoint").exists():
+        assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted_dir / "encoder.keras").exists()
+
+    resumed = _train([*args, f"--model_dir={interrupted_dir}"], env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in resumed.stdout
+    for got, expected in zip(_load_weights(interrupted_dir / "encoder.keras"),
+                             _load_weights(reference_dir / "encoder.keras")):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    metrics = json.loads((interrupted_dir / "metrics.json").read_text())
+    assert metrics["knn"]["protocol"]["k"] == 200
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    env = _env(data_dir)
+    assert _train([*SMALL, "--epochs=1", f"--model_dir={tmp_path}"], env).returncode == 0
+    result = _train([*SMALL, "--epochs=2", "--lr=1e30", f"--model_dir={tmp_path}"], env)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "NaN" in result.stderr and "last good checkpoint (epoch 1)" in result.stderr
+    latest = (tmp_path / "checkpoints" / "checkpoint").read_text()
+    assert "ckpt-1" in latest and "ckpt-2" not in latest
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_multi_worker_mirrored_end_with_identical_weights(data_dir, tmp_path):
+    # Build the dataset once so the two workers do not race to prepare it.
+    from recipes import data
+    data.load_arrays("synthetic_shapes", "test", data_dir=str(data_dir))
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "recipes.train", *SMALL, "--epochs=1", "--strategy=multi_worker",
+             f"--model_dir={tmp_path}"], cwd=ROOT, env=_env(data_dir, TF_CONFIG=tf_config),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["num_replicas"] == 2 and run["strategy"] == "multi_worker"
+    chief = _load_weights(tmp_path / "encoder.keras")
+    worker = _load_weights(tmp_path / "worker_1" / "encoder.keras")
+    for a, b in zip(chief, worker):
+        np.testing.assert_array_equal(a, b)
