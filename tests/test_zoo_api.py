@@ -146,3 +146,18 @@ def test_zoo_serve_serves_a_published_entry(run_dir, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     np.testing.assert_allclose(predictions, zoo.embed("simclr_tiny", images, store=store), atol=1e-5)
+
+
+def test_card_gives_recipes_train_what_it_needs_to_retrain(run_dir, tmp_path):
+    from zoo.card import retraining_spec
+
+    store = str(tmp_path / "store")
+    zoo.publish(str(run_dir), name="simclr_tiny", store=store)
+    spec = retraining_spec(zoo.info("simclr_tiny", store=store))
+    assert spec["recipe"] == "simclr" and spec["recipe_config"]["temperature"] == 0.5
+    assert spec["dataset"] == "fashion_mnist" and spec["input_shape"] == list(SHAPE) and spec["seed"] == 3
+
+    bare = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(2)])
+    zoo.publish(name="bare", encoder=bare, store=store)
+    with pytest.raises(zoo.ArtifactError, match="cannot be retrained"):
+        retraining_spec(zoo.info("bare", store=store))

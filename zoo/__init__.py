@@ -34,7 +34,8 @@ from zoo.store import check_files, open_store, read_verified, serving_base_path 
 
 __all__ = [
     "load", "list_models", "info", "publish", "embed", "remove", "verify", "set_label", "serving_base_path",
-    "ZooError", "ChecksumError", "NotFoundError", "InvalidNameError", "StoreUnreachableError",
+    "backbones", "ZooError", "ArtifactError", "ChecksumError", "IndexFormatError", "InvalidNameError",
+    "LockTimeoutError", "NotFoundError", "ReadOnlyStoreError", "StoreUnreachableError",
 ]
 
 _loaded = {}  # (store root, name, version, sha256 of encoder.keras) -> model, for embed()
@@ -75,6 +76,8 @@ def load(name: str, version: int | str | None = None, store=None, compile: bool 
     from zoo.export import KERAS_FILENAME
 
     st, name, number, entry = _resolve(name, version, store)
+    if KERAS_FILENAME not in entry["files"]:
+        raise ArtifactError(f"{name}:{number} has no {KERAS_FILENAME} in the index; republish it.")
     directory = _verified_dir(st, name, number, entry, skip=(KERAS_FILENAME,))
     # Load the very bytes that were hashed, so the file cannot change between check and use.
     data = read_verified(directory, KERAS_FILENAME, entry["files"][KERAS_FILENAME])
@@ -214,7 +217,7 @@ def verify(store=None) -> dict:
             _, entry = index.resolve(name, number)
             try:
                 problems = check_files(st.fetch(name, number, entry), entry["files"])
-            except (ChecksumError, NotFoundError) as e:
+            except (ChecksumError, NotFoundError, IndexFormatError) as e:
                 problems = [str(e)]
             report["checked"].append(ref)
             if problems:

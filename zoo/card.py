@@ -18,6 +18,8 @@ import os
 import platform
 import subprocess
 
+from zoo.errors import ArtifactError
+
 CARD_FILENAME = "card.json"
 CARD_SCHEMA_VERSION = 1
 
@@ -96,7 +98,7 @@ def make_card(
     metrics = dict(metrics or {})
     for key, value in metrics.items():
         if isinstance(value, dict) and "accuracy" in value and "protocol" not in value:
-            raise ValueError(
+            raise ArtifactError(
                 f"Metric {key!r} has no 'protocol'; every metric must say how it was measured "
                 "(dataset/split, epochs, k/T or probe type, seed)."
             )
@@ -141,3 +143,19 @@ def summary(card: dict) -> dict:
 
 def to_json(card: dict) -> str:
     return json.dumps(card, indent=2, sort_keys=True) + "\n"
+
+
+def retraining_spec(card: dict) -> dict:
+    """The run.json a card was made from, for `recipes.train --zoo_entry=NAME` to rerun its recipe.
+
+    Raises `ArtifactError` for entries published without training metadata (e.g. from a
+    bare encoder), which cannot be retrained from their card.
+    """
+    missing = [key for key in REQUIRED_FOR_RETRAINING if card.get(key) is None]
+    if missing:
+        raise ArtifactError(
+            f"{card.get('name')!r} cannot be retrained from its card: it lacks {missing} (it was published "
+            "without a training run). Retrain with explicit --recipe/--backbone/--dataset flags instead."
+        )
+    return {**(card.get("run") or {}), **{key: card[key] for key in RUN_FIELDS if card.get(key) is not None},
+            "input_shape": card["input_shape"]}

@@ -16,7 +16,6 @@ polling the base directory never sees a half-written version.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 
 import keras
@@ -118,10 +117,9 @@ def write_saved_model(encoder: keras.Model, path: str) -> str:
 
 def versions_in(base: str) -> list[int]:
     """Integer version subdirectories of a TF Serving model base path, ascending."""
-    if not tf.io.gfile.isdir(base):
-        return []
-    names = (entry.rstrip("/") for entry in tf.io.gfile.listdir(base))
-    return sorted(int(n) for n in names if re.fullmatch(r"[0-9]+", n))
+    from zoo.store import version_dirs
+
+    return version_dirs(base)
 
 
 def export_saved_model(encoder: keras.Model, export_dir: str, version: int | None = None) -> str:

@@ -110,7 +110,7 @@ def _check_schema(data) -> dict:
         if not isinstance(model, dict) or not isinstance(model.get("versions"), dict):
             raise IndexFormatError(f"index.json entry {name!r} has no 'versions' mapping.")
         for version, entry in model["versions"].items():
-            if not version.isdigit() or not isinstance(entry, dict) or "path" not in entry or "files" not in entry:
+            if not (version.isascii() and version.isdigit()) or not isinstance(entry, dict) or "path" not in entry or "files" not in entry:
                 raise IndexFormatError(f"index.json entry {name}:{version} is malformed.")
     return data
 

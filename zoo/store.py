@@ -290,7 +290,7 @@ class DirStore:
         """
         with self.lock():
             index = self.read_index()
-            version = index.next_version(name, taken=_int_dirs(self.base_path(name)))
+            version = index.next_version(name, taken=version_dirs(self.base_path(name)))
             final = _join(self.root, entry_path(name, version))
             tf.io.gfile.makedirs(self.base_path(name))
             _move_dir(staged, final)
@@ -336,14 +336,16 @@ class DirStore:
             for name in tf.io.gfile.listdir(models):
                 name = name.rstrip("/")
                 known = set(index.versions(name)) if name in index.names() else set()
-                found += [_join(models, name, str(v)) for v in _int_dirs(_join(models, name)) if v not in known]
+                found += [_join(models, name, str(v)) for v in version_dirs(_join(models, name)) if v not in known]
         return sorted(found)
 
 
-def _int_dirs(base: str) -> list[int]:
+def version_dirs(base: str) -> list[int]:
+    """Integer version subdirectories of a TF Serving model base path, ascending."""
     if not tf.io.gfile.isdir(base):
         return []
-    return sorted(int(d.rstrip("/")) for d in tf.io.gfile.listdir(base) if d.rstrip("/").isdigit())
+    names = (d.rstrip("/") for d in tf.io.gfile.listdir(base))
+    return sorted(int(n) for n in names if re.fullmatch(r"[0-9]+", n))
 
 
 class HttpStore:
@@ -431,7 +433,7 @@ class HttpStore:
         for number in wanted:
             self.fetch(name, number, index.resolve(name, number)[1])
         base = os.path.join(self.cache, MODELS_DIR, validate_name(name))
-        for number in _int_dirs(base):
+        for number in version_dirs(base):
             if number not in index.versions(name):
                 tf.io.gfile.rmtree(os.path.join(base, str(number)))
         return base
