@@ -1,0 +1,91 @@
+"""Noisy Student: self-training where a noised student learns from an un-noised teacher.
+
+Xie, Luong, Hovy & Le 2020, "Self-training with Noisy Student improves ImageNet
+classification" (CVPR).
+
+Algorithm 1 of the paper: (1) train a teacher on the labelled images; (2) the
+teacher, *without* noise, labels the unlabelled images (soft or hard labels); (3)
+train an equal-or-larger student on labelled + pseudo-labelled images *with* noise;
+(4) make the student the teacher and go back to (2). The noise is what makes the
+student better than its teacher rather than a copy of it: it must give the
+teacher's answer on a harder, perturbed input, so it learns invariances the
+teacher never had, and in a larger model it has the capacity to.
+
+Noise used here, as in the paper:
+  * input noise: RandAugment (N=2, magnitude 27/30 = 0.9 by default; sec. 3.1);
+  * model noise: dropout (0.5 in the paper) on the features before the classifier.
+Stochastic depth (survival 0.8 for the last block) is *not* applied: it would need
+a change to `zoo.backbones` (drop-path inside every residual block), and the
+published encoders must not depend on recipe code. Dropout alone carries the
+model-noise part here.
+
+Data filtering and balancing (sec. 2): keep images whose top class probability is
+>= 0.3, then per class the K most confident, duplicating images of classes with
+fewer than K (`per_class=K, fill_classes=True`). Soft labels are the default (the
+paper finds them at least as good as hard ones, better out of domain). The student
+is trained from scratch by default (`init_from_teacher=False`). The paper batches
+labelled and unlabelled images separately at a fixed ratio; here they are one
+shuffled set.
+"""
+
+from __future__ import annotations
+
+from recipes.base import register
+from recipes.semi.finetune import FineTune
+from recipes.semi.self_training import SelfTrainingMixin, run_self_training
+
+PAPER_STRONG_POLICY = {"num_ops": 2, "magnitude": 0.9, "cutout": 0.0}
+
+
+@register("noisy_student")
+class NoisyStudent(SelfTrainingMixin, FineTune):
+    """Noisy Student; a `FineTune` classifier trained with input and model noise.
+
+    Args:
+      encoder, num_classes, label_smoothing, freeze_encoder, label_count, seed: as in
+        `FineTune`.
+      augment: input noise, "strong" (RandAugment) by default.
+      strong_policy: RandAugment settings (default: N=2, M=0.9, no Cutout).
+      dropout: model noise before the classifier (0.5 in the paper).
+      rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
+        init_from_teacher: as in `SelfTrainingMixin`; defaults are the paper's
+        (threshold 0.3, soft labels, balancing when per_class is set, fresh student).
+    """
+
+    def __init__(self, encoder, num_classes, rounds=3, threshold=0.3, hard_labels=False, per_class=None,
+                 fill_classes=True, unlabelled_weight=1.0, init_from_teacher=False, augment="strong",
+                 strong_policy=None, dropout=0.5, **kwargs):
+        super().__init__(encoder, num_classes, augment=augment, dropout=dropout,
+                         strong_policy=PAPER_STRONG_POLICY if strong_policy is None else strong_policy,
+                         **kwargs)
+        self._init_self_training(rounds, threshold, hard_labels, per_class, fill_classes,
+                                 unlabelled_weight, init_from_teacher)
+
+    def get_config(self):
+        return {**super().get_config(), **self.self_training_config()}
+
+
+def run_noisy_student(encoder_fn, num_classes, labelled, unlabelled_images, test=None, *,
+                      student_encoder_fn=None, epochs=20, steps=None, batch_size=64, heldout_unlabelled_labels=None,
+                      teacher=None, optimizer_fn=None, strategy=None, seed=0, verbose=0, **hyperparameters):
+    """Noisy Student from the arrays; see `run_self_training`.
+
+    Args:
+      encoder_fn: `() -> keras.Model` for the initial teacher.
+      student_encoder_fn: `() -> keras.Model` for every student (equal or larger
+        capacity; default `encoder_fn`).
+      hyperparameters: `NoisyStudent` arguments (rounds, threshold, per_class, ...).
+
+    Returns:
+      (final student, per-round metrics).
+    """
+    hyperparameters.setdefault("label_count", int(len(labelled[1])))
+
+    def make_model(round_index):
+        build_encoder = encoder_fn if round_index == 0 else (student_encoder_fn or encoder_fn)
+        return NoisyStudent(build_encoder(), num_classes, seed=seed + round_index, **hyperparameters)
+
+    return run_self_training(make_model, labelled, unlabelled_images, test, epochs=epochs, steps=steps,
+                             batch_size=batch_size, heldout_unlabelled_labels=heldout_unlabelled_labels,
+                             teacher=teacher, optimizer_fn=optimizer_fn, strategy=strategy, seed=seed,
+                             verbose=verbose)

@@ -1,0 +1,76 @@
+"""Pseudo-Label: self-training on the model's own confident predictions.
+
+Lee 2013, "Pseudo-Label: The Simple and Efficient Semi-Supervised Learning Method
+for Deep Neural Networks" (ICML workshop); the round-based form is Yarowsky's 1995
+self-training ("Unsupervised Word Sense Disambiguation Rivaling Supervised
+Methods").
+
+Unlabelled examples are trained on with the class the network itself predicts, as
+if it were the true label. That is entropy minimization in disguise: it pushes the
+decision boundary into low-density regions between clusters (Lee 2013, sec. 3).
+
+Lee re-labels every mini-batch and ramps the weight alpha(t) of the unlabelled
+loss up from 0 over training, so early wrong labels count little. We run the
+round-based version the issue asks for, which makes labels and metrics inspectable
+per round: train on the labels, label the unlabelled set, keep predictions with
+confidence >= `threshold` (optionally the top `per_class` per class), retrain on
+labelled + pseudo-labelled with weight `unlabelled_weight` (a constant alpha per
+round), repeat. The student continues from the teacher's weights by default
+(`init_from_teacher=True`), as Lee's single network does.
+"""
+
+from __future__ import annotations
+
+from recipes.base import register
+from recipes.semi.finetune import FineTune
+from recipes.semi.self_training import SelfTrainingMixin, run_self_training
+
+
+@register("pseudo_label")
+class PseudoLabel(SelfTrainingMixin, FineTune):
+    """Round-based Pseudo-Label; a `FineTune` classifier plus self-training settings.
+
+    Args:
+      encoder, num_classes, augment, strong_policy, dropout, label_smoothing,
+        freeze_encoder, label_count, seed: as in `FineTune` (Lee uses dropout; weak
+        augmentation is the default input noise here).
+      rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
+        init_from_teacher: as in `SelfTrainingMixin`. Defaults: 3 rounds, hard
+        labels with confidence >= 0.95, no class balancing, weight 1, the student
+        continues from the teacher.
+    """
+
+    def __init__(self, encoder, num_classes, rounds=3, threshold=0.95, hard_labels=True, per_class=None,
+                 fill_classes=False, unlabelled_weight=1.0, init_from_teacher=True, augment="weak",
+                 dropout=0.0, **kwargs):
+        super().__init__(encoder, num_classes, augment=augment, dropout=dropout, **kwargs)
+        self._init_self_training(rounds, threshold, hard_labels, per_class, fill_classes,
+                                 unlabelled_weight, init_from_teacher)
+
+    def get_config(self):
+        return {**super().get_config(), **self.self_training_config()}
+
+
+def run_pseudo_label(encoder_fn, num_classes, labelled, unlabelled_images, test=None, *, epochs=20, steps=None,
+                     batch_size=64, heldout_unlabelled_labels=None, teacher=None, optimizer_fn=None,
+                     strategy=None, seed=0, verbose=0, **hyperparameters):
+    """Pseudo-Label self-training from the arrays; see `run_self_training`.
+
+    Args:
+      encoder_fn: `() -> keras.Model`, a new encoder (e.g. `zoo.load(...)` or
+        `zoo.backbones.build(...)`); called once per round, though with
+        init_from_teacher=True its weights are then replaced by the teacher's.
+      hyperparameters: `PseudoLabel` arguments (rounds, threshold, per_class, ...).
+
+    Returns:
+      (final PseudoLabel model, per-round metrics).
+    """
+    hyperparameters.setdefault("label_count", int(len(labelled[1])))
+
+    def make_model(round_index):
+        return PseudoLabel(encoder_fn(), num_classes, seed=seed + round_index, **hyperparameters)
+
+    return run_self_training(make_model, labelled, unlabelled_images, test, epochs=epochs, steps=steps,
+                             batch_size=batch_size, heldout_unlabelled_labels=heldout_unlabelled_labels,
+                             teacher=teacher, optimizer_fn=optimizer_fn, strategy=strategy, seed=seed,
+                             verbose=verbose)

@@ -1,0 +1,160 @@
+"""The round-based self-training loop shared by Pseudo-Label and Noisy Student.
+
+Self-training in its oldest form (Yarowsky 1995; Scudder 1965): a model trained on
+the labelled data labels the unlabelled data, the confident part of those labels is
+added to the training set, a model is trained again, and so on. Per round:
+
+  1. the teacher predicts class probabilities on the unlabelled images in inference
+     mode (no augmentation, no dropout, BN moving statistics: Noisy Student insists
+     the teacher is *not* noised, Xie et al. 2020, sec. 2);
+  2. `select_pseudo_labels` keeps the confident ones, optionally class-balanced;
+  3. a student (a fresh model, or the teacher's weights continued) trains on
+     labelled + pseudo-labelled examples with the student's own noise;
+  4. the student becomes the next round's teacher.
+
+The recipe built by `make_model` carries the method's hyperparameters (rounds,
+threshold, hard/soft labels, balancing, weight of pseudo-labelled examples, whether
+the student starts from the teacher), so one loop serves both methods. It is a plain
+Python function so the CLI can call it directly (`--recipe=pseudo_label` or
+`--recipe=noisy_student`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from recipes.semi.finetune import default_optimizer, fit_classifier
+from recipes.semi.losses import select_pseudo_labels
+
+
+class SelfTrainingMixin:
+    """Hyperparameters of a round-based self-training method (mixed into a FineTune).
+
+    Args:
+      rounds: teacher -> student iterations after the initial teacher.
+      threshold: keep an unlabelled example when its top class probability >= this.
+      hard_labels: train on argmax labels (True) or on the teacher's probabilities.
+      per_class: keep at most this many pseudo-labelled examples per class (None: all).
+      fill_classes: repeat examples of classes with fewer than `per_class` up to it.
+      unlabelled_weight: loss weight of a pseudo-labelled example relative to a
+        labelled one (Lee 2013's alpha).
+      init_from_teacher: the student starts from the teacher's weights (and must share
+        its architecture) instead of from its own initialization.
+    """
+
+    def _init_self_training(self, rounds, threshold, hard_labels, per_class, fill_classes,
+                            unlabelled_weight, init_from_teacher):
+        if int(rounds) < 0:
+            raise ValueError(f"rounds must be >= 0, got {rounds!r}.")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
+        self.rounds = int(rounds)
+        self.threshold = float(threshold)
+        self.hard_labels = bool(hard_labels)
+        self.per_class = None if per_class is None else int(per_class)
+        self.fill_classes = bool(fill_classes)
+        self.unlabelled_weight = float(unlabelled_weight)
+        self.init_from_teacher = bool(init_from_teacher)
+
+    def self_training_config(self):
+        return {"rounds": self.rounds, "threshold": self.threshold, "hard_labels": self.hard_labels,
+                "per_class": self.per_class, "fill_classes": self.fill_classes,
+                "unlabelled_weight": self.unlabelled_weight, "init_from_teacher": self.init_from_teacher}
+
+    def pseudo_labels(self, probabilities):
+        """(indices, targets) of the unlabelled examples this method trains on."""
+        return select_pseudo_labels(probabilities, self.threshold, self.per_class, self.fill_classes,
+                                    self.hard_labels)
+
+
+def _copy_weights(teacher, student):
+    for source, target in ((teacher.encoder, student.encoder), (teacher.classifier, student.classifier)):
+        weights = source.get_weights()
+        if [w.shape for w in weights] != [w.shape for w in target.get_weights()]:
+            raise ValueError("init_from_teacher=True needs a student with the teacher's architecture; "
+                             "use init_from_teacher=False for a larger student.")
+        target.set_weights(weights)
+
+
+def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epochs=20, batch_size=64,
+                      steps=None, heldout_unlabelled_labels=None, teacher=None, optimizer_fn=None, strategy=None,
+                      seed=0, verbose=0):
+    """Trains a teacher on the labels, then `rounds` teacher -> student rounds.
+
+    Args:
+      make_model: `make_model(round) -> recipe` building a fresh, uncompiled model
+        (round 0 is the initial teacher); the round-1 model's hyperparameters
+        (`rounds`, `threshold`, ...) drive the loop.
+      labelled: (uint8 images [L,H,W,C], int labels [L]).
+      unlabelled_images: uint8 [N,H,W,C].
+      test: optional (images, labels) for per-round test accuracy.
+      epochs, batch_size: training of every model (epochs count passes over that
+        round's training set, labelled + pseudo-labelled).
+      steps: if given, every model trains for this many steps instead of `epochs`.
+      heldout_unlabelled_labels: true labels of the unlabelled images, if known, to
+        measure pseudo-label accuracy (never used for training).
+      teacher: a trained classifier (e.g. from `run_finetune`) to skip round 0.
+      optimizer_fn: `() -> keras optimizer`, one per model (default: SGD + Nesterov).
+      strategy: tf.distribute strategy to build and train under (default: current).
+
+    Returns:
+      (final student, list of per-round metric dicts; round 0 is the teacher).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    images_l, labels_l = np.asarray(labelled[0]), np.asarray(labelled[1], np.int64)
+    unlabelled_images = np.asarray(unlabelled_images)
+    truth = None if heldout_unlabelled_labels is None else np.asarray(heldout_unlabelled_labels)
+    if truth is not None and len(truth) != len(unlabelled_images):
+        raise ValueError(f"heldout_unlabelled_labels has {len(truth)} rows for {len(unlabelled_images)} images.")
+
+    def build(round_index):
+        with strategy.scope():
+            model = make_model(round_index)
+            model.compile(optimizer=optimizer_fn() if optimizer_fn else default_optimizer())
+        return model
+
+    def evaluate(model, round_index, **extra):
+        row = {"round": round_index, "num_labelled": int(len(labels_l)), **extra}
+        if test is not None:
+            row["test_accuracy"] = model.accuracy(*test, batch_size=batch_size * 4)
+        return row
+
+    metrics = []
+    if teacher is None:
+        teacher = build(0)
+        history = fit_classifier(teacher, images_l, labels=labels_l, epochs=epochs, batch_size=batch_size,
+                                 steps=steps, seed=seed, verbose=verbose)
+        metrics.append(evaluate(teacher, 0, train_loss=float(history["loss"][-1])))
+    else:
+        metrics.append(evaluate(teacher, 0))
+
+    student = build(1)  # its hyperparameters (rounds, threshold, ...) drive the loop
+    for round_index in range(1, student.rounds + 1):
+        if round_index > 1:
+            student = build(round_index)
+        probabilities = teacher.predict_proba(unlabelled_images, batch_size=batch_size * 4)
+        chosen, pseudo_targets = student.pseudo_labels(probabilities)
+        row = {"num_pseudo_labelled": int(len(chosen)),
+               "coverage": float(len(np.unique(chosen)) / max(1, len(unlabelled_images)))}
+        if truth is not None:
+            predicted = probabilities.argmax(axis=1)
+            row["teacher_unlabelled_accuracy"] = float(np.mean(predicted == truth))
+            unique = np.unique(chosen)
+            row["pseudo_label_accuracy"] = float(np.mean(predicted[unique] == truth[unique])) if len(unique) else None
+
+        images = np.concatenate([images_l, unlabelled_images[chosen]])
+        weights = np.concatenate([np.ones(len(labels_l), np.float32),
+                                  np.full(len(chosen), student.unlabelled_weight, np.float32)])
+        if student.hard_labels:
+            target_args = {"labels": np.concatenate([labels_l, pseudo_targets])}
+        else:
+            one_hot = np.eye(student.num_classes, dtype=np.float32)[labels_l]
+            target_args = {"targets": np.concatenate([one_hot, pseudo_targets.astype(np.float32)])}
+        if student.init_from_teacher:
+            _copy_weights(teacher, student)
+        history = fit_classifier(student, images, weights=weights, epochs=epochs, batch_size=batch_size,
+                                 steps=steps, seed=seed + round_index, verbose=verbose, **target_args)
+        metrics.append(evaluate(student, round_index, train_loss=float(history["loss"][-1]), **row))
+        teacher = student
+    return teacher, metrics
