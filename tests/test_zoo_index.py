@@ -65,9 +65,10 @@ def test_resolve_versions_labels_and_removal():
     with pytest.raises(errors.NotFoundError, match="no version label 'canary'"):
         index.resolve("m", "canary")
     assert index.remove("m", "stable") == [2]
+    assert index.remove("m", 3) == [3] and index.next_version("m") == 4  # never reused
     assert index.labels("m") == {}
     again = Index.from_json(index.to_json())
-    assert again.versions("m") == [1, 3] and json.loads(again.to_json())["schema_version"] == SCHEMA_VERSION
+    assert again.versions("m") == [1] and json.loads(again.to_json())["schema_version"] == SCHEMA_VERSION
 
 
 def test_unknown_name_suggests_close_names():

@@ -199,6 +199,7 @@ def test_versions_labels_and_removal(encoder, published, tmp_path):
     assert zoo.publish(name="tiny", encoder=encoder, store=root) == "tiny:3"  # numbers are never reused
     assert zoo.remove("tiny", store=root) == [2, 3]
     assert zoo.list_models(store=root) == []
+    assert zoo.publish(name="tiny", encoder=encoder, store=root) == "tiny:4"
 
 
 def test_failed_publish_leaves_the_store_unchanged(published, tmp_path):

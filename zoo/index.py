@@ -4,6 +4,7 @@ One JSON file per store, `index.json`, schema-versioned so that an older library
 newer index instead of misreading it:
 
     {"schema_version": 1,
+     "last_versions": {"moco_resnet18": 1},     # high-water marks: numbers are never reused
      "models": {"moco_resnet18": {
          "labels": {"stable": 1},
          "versions": {"1": {"path": "models/moco_resnet18/1",
@@ -105,6 +106,9 @@ def _check_schema(data) -> dict:
             f"index.json has schema version {schema}, this ssl-zoo understands up to {SCHEMA_VERSION}. "
             "Upgrade ssl-zoo to read this store."
         )
+    last = data.get("last_versions", {})
+    if not isinstance(last, dict) or not all(type(v) is int for v in last.values()):
+        raise IndexFormatError("index.json 'last_versions' must map names to integers; the store may be damaged.")
     for name, model in data["models"].items():
         validate_name(name)
         if not isinstance(model, dict) or not isinstance(model.get("versions"), dict):
@@ -185,15 +189,21 @@ class Index:
     # -- writing ---------------------------------------------------------------------------
 
     def next_version(self, name: str, taken=()) -> int:
-        """One more than any version the index knows or `taken` (e.g. directories on disk)."""
+        """One more than any version ever published under `name` or in `taken` (dirs on disk).
+
+        Numbers are never reused, even after `rm`, so "name:3" always means the same bytes.
+        """
         model = self.data["models"].get(validate_name(name), {"versions": {}})
-        return max([0, *(int(v) for v in model["versions"]), *taken]) + 1
+        last = self.data.get("last_versions", {}).get(name, 0)
+        return max([last, *(int(v) for v in model["versions"]), *taken]) + 1
 
     def add(self, name: str, version: int, entry: dict, labels=()) -> None:
         model = self.data["models"].setdefault(validate_name(name), {"labels": {}, "versions": {}})
         if str(version) in model["versions"]:
             raise ValueError(f"{name}:{version} is already in the index.")
         model["versions"][str(version)] = entry
+        last_versions = self.data.setdefault("last_versions", {})
+        last_versions[name] = max(last_versions.get(name, 0), int(version))
         for label in labels:
             model.setdefault("labels", {})[validate_label(label)] = version
 
