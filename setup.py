@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
-        "bench": ["matplotlib==3.11.2"],
+        "bench": ["matplotlib==3.11.2", "scikit-learn==1.9.1"],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},
 )

@@ -1,0 +1,200 @@
+"""Quality benchmark: how good is a recipe's encoder, next to the baselines that matter.
+
+    python benchmarks/quality.py --recipe=moco --epochs=30 --run_dir=runs/quality_moco
+
+Trains the recipe with `recipes.train` (or reuses a finished run in --run_dir), then
+reports on the Fashion-MNIST test split, with one protocol for every row:
+  * weighted kNN (k=200, T=0.1, memory = the 60k training images) and
+  * a linear probe (AdamW, standardized frozen features)
+for: raw pixels, a randomly initialised encoder, the self-supervised encoder, and a
+supervised encoder of the same architecture (cross-entropy with labels, flips and
+crops). Writes benchmarks/results/quality_<recipe>.json and .md, plus two pictures:
+a 2-D t-SNE map of test embeddings coloured by class, and a retrieval grid (query
+image + its 8 nearest test neighbours).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("recipe", "moco", "Recipe to benchmark.")
+flags.DEFINE_integer("epochs", 30, "Pretraining epochs.")
+flags.DEFINE_string("run_dir", None, "Run directory (default runs/quality_<recipe>); a finished run is reused.")
+flags.DEFINE_list("train_args", [], "Extra recipes.train flags, e.g. --train_args=--lr=0.06,--hparams=...")
+flags.DEFINE_integer("supervised_epochs", 10, "Epochs of the supervised baseline (0: skip).")
+flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs for every row.")
+flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where JSON, markdown and pictures go.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKBONE, WIDTH = "resnet18_small", 0.25
+
+
+def train_recipe(run_dir):
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        print(f"reusing finished run {run_dir}")
+        return
+    command = [sys.executable, "-m", "recipes.train", f"--recipe={FLAGS.recipe}", "--dataset=fashion_mnist",
+               f"--backbone={BACKBONE}", f"--width={WIDTH}", f"--epochs={FLAGS.epochs}", f"--seed={FLAGS.seed}",
+               f"--model_dir={run_dir}", "--knn_every=5", "--verbose=2", *FLAGS.train_args]
+    print(" ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+
+
+def supervised_encoder(train_x, train_y, epochs, seed):
+    """Same architecture trained with labels: the ceiling a label-free recipe aims at."""
+    import keras
+    import tensorflow as tf
+
+    from recipes.augment import ViewPolicy, random_view
+    from zoo import backbones
+
+    keras.utils.set_random_seed(seed)
+    encoder = backbones.build(BACKBONE, train_x.shape[1:], WIDTH)
+    policy = ViewPolicy(crop_scale=(0.6, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    batch = 256
+    steps = len(train_x) // batch
+
+    class Supervised(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+            self.classifier = keras.layers.Dense(10)
+
+        def call(self, images, training=False):
+            if training:
+                seed_pair = tf.random.experimental.stateless_fold_in([seed, 7], tf.cast(self.optimizer.iterations, tf.int32))
+                images = random_view(images, seed_pair, policy, batch)
+            return self.classifier(self.encoder(images, training=training))
+
+    model = Supervised()
+    model.compile(optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, epochs * steps),
+                                                 momentum=0.9, weight_decay=5e-4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y)).shuffle(len(train_x), seed=seed)
+               .batch(batch, drop_remainder=True).prefetch(2))
+    model.fit(dataset, epochs=epochs, verbose=2)
+    return encoder, model
+
+
+def evaluate_features(name, train_features, train_y, test_features, test_y, protocol):
+    from recipes import evaluate
+
+    knn = evaluate.knn_accuracy(train_features, train_y, test_features, test_y, 10, protocol=protocol)
+    probe = evaluate.linear_probe(train_features, train_y, test_features, test_y, 10,
+                                  epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol)
+    print(f"{name:28s} kNN {knn['accuracy']:.4f}  linear probe {probe['accuracy']:.4f}", flush=True)
+    return {"knn": knn, "linear_probe": probe}
+
+
+def save_pictures(features, images, labels, class_names, prefix):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.manifold import TSNE
+
+    rng = np.random.RandomState(FLAGS.seed)
+    subset = rng.choice(len(features), 2000, replace=False)
+    normalized = features / np.linalg.norm(features, axis=1, keepdims=True)
+    points = TSNE(2, random_state=FLAGS.seed, init="pca").fit_transform(normalized[subset])
+    figure, axis = plt.subplots(figsize=(7, 6))
+    for c, class_name in enumerate(class_names):
+        mask = labels[subset] == c
+        axis.scatter(points[mask, 0], points[mask, 1], s=4, label=class_name)
+    axis.legend(markerscale=3, fontsize=7, loc="best")
+    axis.set_title(f"t-SNE of {FLAGS.recipe} test embeddings (Fashion-MNIST, 2000 images)")
+    axis.set_xticks([]), axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(f"{prefix}_tsne.png", dpi=110)
+    plt.close(figure)
+
+    queries = rng.choice(len(features), 8, replace=False)
+    similarity = normalized[queries] @ normalized.T
+    similarity[np.arange(8), queries] = -np.inf  # not the query itself
+    neighbours = np.argsort(-similarity, axis=1)[:, :8]
+    figure, axes = plt.subplots(8, 9, figsize=(9, 8.4))
+    for row, query in enumerate(queries):
+        for col, index in enumerate([query, *neighbours[row]]):
+            ax = axes[row, col]
+            ax.imshow(images[index].squeeze(), cmap="gray")
+            ax.set_xticks([]), ax.set_yticks([])
+            correct = labels[index] == labels[query]
+            for spine in ax.spines.values():
+                spine.set_color("black" if col == 0 else ("tab:green" if correct else "tab:red"))
+                spine.set_linewidth(2)
+        axes[row, 0].set_ylabel(class_names[labels[query]], fontsize=7)
+    axes[0, 0].set_title("query", fontsize=8)
+    figure.suptitle(f"{FLAGS.recipe}: 8 nearest test neighbours (green: same class, red: other)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(f"{prefix}_retrieval.png", dpi=90)
+    plt.close(figure)
+
+
+def main(argv):
+    del argv
+    os.chdir(ROOT)
+    import keras
+    import numpy as np
+
+    from recipes import data, evaluate
+    from zoo import backbones
+
+    run_dir = FLAGS.run_dir or f"runs/quality_{FLAGS.recipe}"
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    started = time.time()
+    train_recipe(run_dir)
+    with open(os.path.join(run_dir, "run.json")) as f:
+        run = json.load(f)
+
+    train_x, train_y = data.load_arrays("fashion_mnist", "train")
+    test_x, test_y = data.load_arrays("fashion_mnist", "test")
+    protocol = {"dataset": "fashion_mnist", "train_split": "train", "test_split": "test", "seed": FLAGS.seed}
+    rows = {}
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
+    rows["raw pixels"] = evaluate_features("raw pixels", flat(train_x), train_y, flat(test_x), test_y, protocol)
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    random_encoder = backbones.build(BACKBONE, train_x.shape[1:], WIDTH)
+    rows["random init"] = evaluate_features("random init", evaluate.extract_features(random_encoder, train_x), train_y,
+                                            evaluate.extract_features(random_encoder, test_x), test_y, protocol)
+
+    encoder = keras.saving.load_model(os.path.join(run_dir, "encoder.keras"))
+    ssl_test_features = evaluate.extract_features(encoder, test_x)
+    name = f"{FLAGS.recipe} ({run['epochs']} epochs)"
+    rows[name] = evaluate_features(name, evaluate.extract_features(encoder, train_x), train_y, ssl_test_features,
+                                   test_y, {**protocol, "pretrain_epochs": run["epochs"]})
+
+    supervised = None
+    if FLAGS.supervised_epochs > 0:
+        sup_encoder, sup_model = supervised_encoder(train_x, train_y, FLAGS.supervised_epochs, FLAGS.seed)
+        sup_name = f"supervised ({FLAGS.supervised_epochs} epochs)"
+        rows[sup_name] = evaluate_features(sup_name, evaluate.extract_features(sup_encoder, train_x), train_y,
+                                           evaluate.extract_features(sup_encoder, test_x), test_y, protocol)
+        logits = sup_model.predict(test_x, batch_size=1024, verbose=0)
+        supervised = float(np.mean(np.argmax(logits, 1) == test_y))
+        rows[sup_name]["classifier_test_accuracy"] = supervised
+
+    prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}")
+    save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
+    result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": WIDTH, "run": run, "rows": rows,
+              "pretrain_wall_time_s": run.get("wall_time_s"), "pretrain_images_per_sec": run.get("images_per_sec"),
+              "benchmark_wall_time_s": round(time.time() - started, 1),
+              "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
+    with open(prefix + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    table = ["| encoder | kNN (k=200, T=0.1) | linear probe |", "|---|---|---|"]
+    table += [f"| {k} | {v['knn']['accuracy']:.4f} | {v['linear_probe']['accuracy']:.4f} |" for k, v in rows.items()]
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    app.run(main)
