@@ -124,6 +124,5 @@ def test_noisy_student_beats_its_teacher():
     assert student_row["num_pseudo_labelled"] == 360  # 120 per class
     # Filtering works: the kept pseudo-labels are more accurate than the teacher's labels overall.
     assert student_row["pseudo_label_accuracy"] > student_row["teacher_unlabelled_accuracy"]
-    print(metrics)
     assert student_row["test_accuracy"] >= teacher_row["test_accuracy"] + 0.05, metrics
     assert isinstance(student, NoisyStudent)

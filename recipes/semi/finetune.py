@@ -36,7 +36,8 @@ class FineTune(Recipe):
         what the zoo publishes.
       num_classes: number of classes of the linear classifier.
       augment: input noise of training batches: "none", "weak" (flip + translate,
-        the standard supervised augmentation) or "strong" (RandAugment + Cutout).
+        the standard supervised augmentation) or "strong" (the weak view, then
+        RandAugment and Cutout as set by `strong_policy`).
       strong_policy: dict of `StrongPolicy` fields, used with augment="strong".
       dropout: dropout rate on the features before the classifier.
       label_smoothing: epsilon of label smoothing (0 = none).
