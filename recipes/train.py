@@ -48,6 +48,16 @@ flags.DEFINE_integer("knn_monitor_size", 10000, "Training images used as the kNN
 flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs in the final evaluation (0: skip).")
 flags.DEFINE_bool("jit_compile", False, "XLA (fails under MirroredStrategy in TF 2.21; slower on CPU).")
 flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line per epoch.")
+flags.DEFINE_string("zoo_entry", None, "Rerun the recipe recorded in this zoo entry's card (NAME or NAME:VERSION); "
+                    "flags given explicitly (e.g. --dataset) override the card.")
+flags.DEFINE_string("publish_as", None, "Publish the trained encoder to the zoo under this name (a new version).")
+flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as (default $ZOO_HOME or ~/.ssl_zoo).")
+
+# Flags a zoo card can fill in, and the run.json key each one comes from.
+_CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_split", "backbone": "backbone",
+               "width": "backbone_width", "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
+               "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
+               "warmup_epochs": "warmup_epochs", "seed": "seed"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,6 +109,19 @@ def epoch_batches(images, batch_size, steps_per_epoch, first_epoch, last_epoch, 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2).with_options(options)
+
+
+def flags_from_zoo_entry(ref: str, store=None) -> dict:
+    """Fills unset flags from a zoo card; returns the recorded recipe hyperparameters."""
+    import zoo
+    from zoo.card import retraining_spec
+
+    spec = retraining_spec(zoo.info(ref, store=store))
+    for flag, key in _CARD_FLAGS.items():
+        if not FLAGS[flag].present and spec.get(key) is not None:
+            FLAGS[flag].value = spec[key]
+    print(f"Retraining {spec['recipe']} from zoo entry {ref} on {FLAGS.dataset}.")
+    return {k: v for k, v in spec["recipe_config"].items() if k != "seed"}
 
 
 def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps):
@@ -191,12 +214,13 @@ def train(argv=None) -> dict:
     from recipes.base import get_recipe_class
     from zoo import backbones
 
+    hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
+    hparams.update(parse_hparams(FLAGS.hparams))
     recipe_cls = get_recipe_class(FLAGS.recipe)
     if FLAGS.backbone not in backbones.BACKBONES:
         raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. Valid backbones: {', '.join(backbones.BACKBONES)}.")
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
-    hparams = parse_hparams(FLAGS.hparams)
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()
@@ -234,7 +258,7 @@ def train(argv=None) -> dict:
         "steps_per_epoch": steps, "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer,
         "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs,
         "seed": FLAGS.seed, "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
-        "git_commit": git_commit(), "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
+        "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(), "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
     }
     timing = {"train_seconds": 0.0, "epoch": initial_epoch, "epoch_start": time.time()}
     knn_data = None
@@ -272,6 +296,10 @@ def train(argv=None) -> dict:
     else:  # keep only this worker's final encoder, to check workers agree
         shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
         encoder.save(os.path.join(model_dir, "encoder.keras"))
+    if chief and FLAGS.publish_as:
+        import zoo
+
+        print(f"Published {zoo.publish(model_dir, name=FLAGS.publish_as, store=FLAGS.zoo_store)}.")
     knn = metrics["knn"]["accuracy"]
     probe = metrics.get("linear_probe", {}).get("accuracy")
     print(f"kNN accuracy (k=200, T=0.1, {FLAGS.dataset} {FLAGS.test_split}): {knn:.4f}"

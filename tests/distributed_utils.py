@@ -23,11 +23,10 @@ def distribute_batch(strategy, batch):
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
         return batch
-    rows = next(iter(batch.values())).shape[0] // replicas
-
     def value_fn(context):
         r = context.replica_id_in_sync_group
-        return {k: tf.constant(v[r * rows:(r + 1) * rows]) for k, v in batch.items()}
+        # Per tensor: FixMatch's unlabelled batch has mu times the labelled rows.
+        return {k: tf.constant(np.split(np.asarray(v), replicas)[r]) for k, v in batch.items()}
 
     return strategy.experimental_distribute_values_from_function(value_fn)
 

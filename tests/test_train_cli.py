@@ -115,3 +115,21 @@ def test_two_workers_multi_worker_mirrored_end_with_identical_weights(data_dir, 
     worker = _load_weights(tmp_path / "worker_1" / "encoder.keras")
     for a, b in zip(chief, worker):
         np.testing.assert_array_equal(a, b)
+
+
+def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp_path):
+    env = _env(data_dir, ZOO_HOME=str(tmp_path / "zoo"))
+    first = _train([*SMALL, "--epochs=1", "--lr=0.02", f"--model_dir={tmp_path / 'a'}", "--publish_as=tiny_moco"], env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "Published tiny_moco:1" in first.stdout
+    # Only --zoo_entry, a new dir and a shorter schedule: everything else comes from the card.
+    second = _train(["--zoo_entry=tiny_moco", "--epochs=1", "--steps_per_epoch=2", "--knn_every=0",
+                     "--probe_epochs=0", "--verbose=0", f"--model_dir={tmp_path / 'b'}", "--publish_as=tiny_moco"], env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Published tiny_moco:2" in second.stdout
+    run_a = json.loads((tmp_path / "a" / "run.json").read_text())
+    run_b = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run_b["recipe_config"] == run_a["recipe_config"]
+    assert (run_b["backbone"], run_b["backbone_width"], run_b["dataset"], run_b["lr"]) == \
+        (run_a["backbone"], run_a["backbone_width"], run_a["dataset"], 0.02)
+    assert run_b["retrained_from"] == "tiny_moco" and run_b["steps_per_epoch"] == 2
