@@ -1,0 +1,194 @@
+"""CPC v2: Contrastive Predictive Coding on a grid of image patches.
+
+van den Oord, Li, Vinyals 2018, "Representation Learning with Contrastive Predictive
+Coding"; Henaff et al. 2019/2020, "Data-Efficient Image Recognition with Contrastive
+Predictive Coding" (ICML 2020), the "v2" recipe followed here.
+
+An image is cut into an overlapping grid of patches (the paper: 64 px patches with
+stride 32 on 256 px crops, a 7x7 grid; here `patch_size` / `patch_stride` of the
+dataset's side). Each patch is encoded on its own by the backbone and pooled to a
+latent z_{i,j}. A *masked* (causal) context network reads the latents top to bottom:
+its output c_{i,j} depends only on rows <= i. From c_{i,j} a linear map W_k predicts
+the latent k rows below, z_hat_{i+k,j} = W_k c_{i,j}, for k = 1..K, and InfoNCE asks
+each prediction to pick its true latent out of the latents of every other patch, of
+this image and of the other images of the *global* batch (gathered across replicas
+with a correct gradient).
+
+The context network is a stack of residual blocks of row-causal convolutions (a
+(h x 3) kernel padded only above), a small stand-in for the paper's 12-block
+PixelCNN-style ResNet; every patch is augmented independently (`CPC_PATCH`).
+
+What the zoo publishes. The zoo contract is images in, (N, D) out, so the published
+encoder is the patch encoder applied over the whole patch grid of a full image and
+averaged over patches (the paper's linear evaluation also pools the patch grid). It
+is built only from standard Keras layers: a frozen identity convolution extracts
+the patches, `TimeDistributed` runs the shared patch encoder on each, and global
+average pooling averages them; it therefore loads and serves without this module.
+`recipe.encoder` is that model; `recipe.patch_encoder` is the backbone on one patch.
+
+Known difference: CPC v2 replaces BatchNorm in the encoder by LayerNorm, because BN
+statistics computed over patches of the same image can leak information between the
+context and the targets. The zoo's backbones use BN; its statistics here come from
+all the patches of a BN group (several images), which dilutes that leak.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from recipes import distribute
+from recipes.augment import CPC_PATCH, ViewPolicy, random_view
+from recipes.base import Recipe, register
+from recipes.heads import at_input_shape
+from recipes.losses import cpc_info_nce
+
+
+def grid_size(side: int, patch_size: int, patch_stride: int) -> int:
+    if patch_size > side:
+        raise ValueError(f"patch_size={patch_size} exceeds the image side {side}.")
+    return (side - patch_size) // patch_stride + 1
+
+
+def patch_extractor(image_shape, patch_size: int, patch_stride: int, name="patches") -> keras.Model:
+    """Images [N, H, W, C] -> patches [N, G*G, P, P, C] from standard layers only.
+
+    A Conv2D with a fixed one-hot kernel copies each P x P x C window into its
+    output channels, in the same (row, column, channel) order as
+    `tf.image.extract_patches`; a Reshape then lays the windows out as patches.
+    """
+    height, width, channels = image_shape
+    rows, cols = grid_size(height, patch_size, patch_stride), grid_size(width, patch_size, patch_stride)
+    window = patch_size * patch_size * channels
+    kernel = np.eye(window, dtype="float32").reshape(patch_size, patch_size, channels, window)
+    images = keras.Input(shape=image_shape, name="images")
+    x = layers.Rescaling(1.0, name=f"{name}_to_float")(images)
+    conv = layers.Conv2D(window, patch_size, strides=patch_stride, use_bias=False, trainable=False,
+                         name=f"{name}_window")
+    x = conv(x)
+    conv.set_weights([kernel])
+    x = layers.Reshape((rows * cols, patch_size, patch_size, channels), name=f"{name}_grid")(x)
+    return keras.Model(images, x, name=name)
+
+
+def causal_context_network(dim: int, hidden_dim: int, num_blocks: int, kernel_rows: int = 2,
+                           name="context") -> keras.Model:
+    """Latents [N, G, G, D] -> context [N, G, G, hidden]; output row i sees input rows <= i.
+
+    Each convolution has a (kernel_rows x 3) kernel with zero padding only above
+    (and one column each side), so information flows downward and sideways, never up.
+    """
+    latents = keras.Input(shape=(None, None, dim), name="latents")
+
+    def causal_conv(x, filters, block, index):
+        x = layers.ZeroPadding2D(((kernel_rows - 1, 0), (1, 1)), name=f"{name}_{block}_pad{index}")(x)
+        return layers.Conv2D(filters, (kernel_rows, 3), name=f"{name}_{block}_conv{index}")(x)
+
+    x = layers.Conv2D(hidden_dim, 1, name=f"{name}_in")(latents)
+    for block in range(num_blocks):
+        y = causal_conv(layers.ReLU(name=f"{name}_{block}_relu1")(x), hidden_dim, block, 1)
+        y = causal_conv(layers.ReLU(name=f"{name}_{block}_relu2")(y), hidden_dim, block, 2)
+        x = layers.Add(name=f"{name}_{block}_add")([x, y])
+    return keras.Model(latents, x, name=name)
+
+
+def grid_encoder(patch_encoder, image_shape, patch_size, patch_stride, name) -> keras.Model:
+    """The published model: full images -> patch encoder on every patch -> mean over patches."""
+    images = keras.Input(shape=image_shape, name="images")
+    patches = patch_extractor(image_shape, patch_size, patch_stride)(images)
+    latents = layers.TimeDistributed(patch_encoder, name="patch_encoder")(patches)
+    features = layers.GlobalAveragePooling1D(name="pool_patches")(latents)
+    return keras.Model(images, features, name=f"cpc_{name}")
+
+
+@register("cpc")
+class CPC(Recipe):
+    """CPC v2.
+
+    Args:
+      encoder: backbone; it becomes the patch encoder (same layers and weights, taking
+        patch_size x patch_size inputs).
+      patch_size, patch_stride: patch grid (50% overlap as in the paper by default:
+        8 / 4 gives a 6x6 grid on 28 px images, 3x3 on 16 px).
+      prediction_steps: K, how many rows ahead to predict (<= grid rows - 1).
+      context_dim: channels of the context network.
+      context_blocks: residual blocks of the context network.
+      bn_splits: BatchNorm groups over the global batch; None = one per replica.
+      view_policy: per-patch augmentation parameters as a dict (default `CPC_PATCH`).
+      seed: augmentation seed.
+    """
+
+    def __init__(self, encoder, patch_size=8, patch_stride=4, prediction_steps=3, context_dim=256,
+                 context_blocks=2, bn_splits=None, view_policy=None, seed=0, **kwargs):
+        image_shape = tuple(encoder.input_shape[1:])
+        patch_size, patch_stride = int(patch_size), int(patch_stride)
+        rows = grid_size(image_shape[0], patch_size, patch_stride)
+        cols = grid_size(image_shape[1], patch_size, patch_stride)
+        if not 1 <= prediction_steps < rows:
+            raise ValueError(f"prediction_steps={prediction_steps} must be in [1, {rows - 1}] for a "
+                             f"{rows}-row patch grid; lower it or the patch stride.")
+        patch_encoder = at_input_shape(encoder, (patch_size, patch_size, image_shape[2]),
+                                       name=f"{encoder.name}_patch")
+        published = grid_encoder(patch_encoder, image_shape, patch_size, patch_stride, encoder.name)
+        super().__init__(published, seed=seed, **kwargs)
+        self.patch_encoder = patch_encoder
+        self.patch_size, self.patch_stride, self.rows, self.cols = patch_size, patch_stride, rows, cols
+        self.prediction_steps = int(prediction_steps)
+        self.context_dim = int(context_dim)
+        self.context_blocks = int(context_blocks)
+        self.bn_splits = None if bn_splits is None else int(bn_splits)
+        self.view_policy = ViewPolicy.from_config(view_policy) if view_policy else CPC_PATCH
+        latent_dim = patch_encoder.output_shape[-1]
+        self.context_network = causal_context_network(latent_dim, self.context_dim, self.context_blocks)
+        # W_k: one linear prediction per step k, from context to latent space.
+        self.predictors = [layers.Dense(latent_dim, use_bias=False, name=f"predict_{k + 1}")
+                           for k in range(self.prediction_steps)]
+        for predictor in self.predictors:
+            predictor.build((None, self.context_dim))
+
+    @property
+    def metrics(self):
+        # Listed explicitly: without it Keras does not report the base's loss tracker.
+        return [self.loss_tracker]
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size, "patch_stride": self.patch_stride,
+                "prediction_steps": self.prediction_steps, "context_dim": self.context_dim,
+                "context_blocks": self.context_blocks, "bn_splits": self.bn_splits,
+                "view_policy": self.view_policy.to_config()}
+
+    def _latents(self, images, global_batch):
+        """[b, G, G, D] latents of independently augmented patches."""
+        local_batch, channels = images.shape[0], images.shape[-1]
+        size, stride = self.patch_size, self.patch_stride
+        patches = tf.image.extract_patches(tf.cast(images, tf.float32), [1, size, size, 1],
+                                           [1, stride, stride, 1], [1, 1, 1, 1], "VALID")
+        per_image = self.rows * self.cols
+        patches = tf.reshape(patches, [local_batch * per_image, size, size, channels])
+        # Patch rows are image-major, so the global-batch draws slice per replica correctly.
+        patches = random_view(patches, self.step_seed(1), self.view_policy, global_batch * per_image)
+        splits = self.bn_splits or self.num_replicas
+        latents = self.encode_in_groups(self.patch_encoder, patches, splits)
+        return tf.reshape(latents, [local_batch, self.rows, self.cols, -1])
+
+    def loss_terms(self, data):
+        images = data["image"]
+        local_batch, global_batch = images.shape[0], self.global_batch(images)
+        latents = self._latents(images, global_batch)
+        context = self.context_network(latents, training=True)
+        dim = latents.shape[-1]
+        # Every patch of the global batch is a candidate; patch (b, i, j) is row (b*G + i)*G + j.
+        candidates = distribute.all_gather(tf.reshape(latents, [-1, dim]))
+        first_image = tf.cast(distribute.replica_id(), tf.int32) * local_batch
+        image_ids = tf.range(local_batch)[:, None, None] + first_image
+        cols = tf.range(self.cols)[None, None, :]
+        total, count = 0.0, 0
+        for k, predictor in enumerate(self.predictors, start=1):
+            source_rows = self.rows - k
+            predictions = predictor(tf.reshape(context[:, :source_rows], [-1, self.context_dim]))
+            target_rows = tf.range(k, self.rows)[None, :, None]
+            target = tf.reshape((image_ids * self.rows + target_rows) * self.cols + cols, [-1])
+            total += tf.reduce_sum(cpc_info_nce(predictions, candidates, target))
+            count += source_rows * self.cols
+        # Mean over every prediction of the global batch.
+        return total / (global_batch * count), {}

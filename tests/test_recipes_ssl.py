@@ -1,0 +1,247 @@
+"""SimCLR, NPID, CPC v2, BYOL, Barlow Twins, DINO: distributed equality, mechanics, learning.
+
+Per recipe: one train step on 1 device and on 2 logical CPU replicas with the same
+global batch gives the same loss, gradients and state (`compare_one_vs_two_replicas`);
+then the 1-replica recipe keeps training on the *same* views (the step counter is
+reset so the stateless augmentation seeds repeat) and its loss on them must drop.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from recipes.base import get_recipe_class
+from recipes.contrastive.cpc import CPC, causal_context_network
+from recipes.contrastive.npid import NPIDRecipe
+from recipes.distillation.byol import cosine_momentum
+from recipes.distillation.dino import teacher_temperature
+from recipes.heads import WeightNormDense
+from tests import distributed_utils
+from tests.distributed_utils import compare_one_vs_two_replicas
+from zoo import backbones
+
+SHAPE = (16, 16, 1)
+_MIRRORED = {}
+
+
+@pytest.fixture(autouse=True)
+def _one_mirrored_strategy_per_process(monkeypatch):
+    """Reuses one MirroredStrategy for every comparison in this process.
+
+    Each new MirroredStrategy on the same CPUs starts its collective keys afresh, so
+    the second one's first all-gather reuses a (group, instance) key the first one
+    resolved with another shape and the collective aborts ("Shape mismatch in the
+    collective instance 100"). One strategy keeps counting its keys.
+    """
+    original = tf.distribute.MirroredStrategy
+
+    def mirrored(devices=None, **kwargs):
+        key = tuple(devices or ())
+        if key not in _MIRRORED:
+            _MIRRORED[key] = original(devices, **kwargs)
+        return _MIRRORED[key]
+
+    monkeypatch.setattr(distributed_utils.tf.distribute, "MirroredStrategy", mirrored)
+
+
+def _images(n=16, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (n, *SHAPE)).astype("uint8")
+
+
+def _encoder():
+    return backbones.build("resnet18_small", SHAPE, width=0.125)
+
+
+def _maker(name, **config):
+    return lambda: get_recipe_class(name)(_encoder(), bn_splits=2, **config)
+
+
+def _loss_drops_on_fixed_views(recipe, batch, steps=4):
+    """Trains on the views of step 0 again and again; the loss on them must fall."""
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():  # a gentle optimizer: a few small steps must lower the loss
+        recipe.compile(optimizer=keras.optimizers.SGD(0.02))
+        recipe.optimizer.build(recipe.optimized_variables)
+    data = {k: tf.constant(v) for k, v in batch.items()}
+    iterations = recipe.optimizer.iterations
+
+    @tf.function
+    def step():
+        iterations.assign(0)
+        strategy.run(recipe.train_step, args=(data,))
+
+    @tf.function
+    def loss():
+        iterations.assign(0)
+        return strategy.run(lambda d: recipe.loss_terms(d)[0], args=(data,))
+
+    before = float(loss())
+    for _ in range(steps):
+        step()
+    after = float(loss())
+    assert np.isfinite(after) and after < before, (before, after)
+
+
+def _trainables(recipe, count=3):
+    weights = recipe.optimized_variables
+    return [w.value for w in weights[:count]] + [w.value for w in weights[-2:]]
+
+
+# Projection heads with BatchNorm over groups of 8 rows divide by small standard
+# deviations at initialization; float32 round-off (whose order differs between one
+# device and two) is amplified in the stem's gradient to ~1e-2 relative under load.
+# A missing gather or a wrong batch scaling shows up as O(1) relative errors.
+BN_HEAD_TOLERANCE = dict(atol=5e-3, rtol=2e-2)
+
+
+# ---- SimCLR ---------------------------------------------------------------------------
+def test_simclr_one_vs_two_replicas_and_learning():
+    batch = {"image": _images(16)}
+    recipe, _ = compare_one_vs_two_replicas(_maker("simclr", hidden_dim=32, projection_dim=16), batch,
+                                            state_fn=_trainables, **BN_HEAD_TOLERANCE)
+    assert recipe.get_config()["temperature"] == 0.5
+    _loss_drops_on_fixed_views(recipe, batch)
+
+
+# ---- NPID -----------------------------------------------------------------------------
+def _npid(**config):
+    return _maker("npid", dataset_size=40, feature_dim=16, **config)
+
+
+def test_npid_one_vs_two_replicas_gathers_bank_updates():
+    index = np.random.RandomState(1).permutation(40)[:16].astype("int64")
+    batch = {"image": _images(16), "index": index}
+    recipe, _ = compare_one_vs_two_replicas(
+        _npid(loss="nce", num_negatives=8), batch,
+        state_fn=lambda r: [r.memory_bank.value, r.log_normalizer.value] + _trainables(r), atol=1e-4)
+    assert float(recipe.log_normalizer.numpy()) != 0.0  # Z estimated on the first step
+    assert NPIDRecipe.needs_index
+
+
+def test_npid_bank_update_is_proximal_and_normalized():
+    recipe = _npid()()
+    before = recipe.memory_bank.numpy().copy()
+    features = tf.math.l2_normalize(tf.random.stateless_normal((3, 16), [0, 1]), axis=1)
+    index = tf.constant([5, 0, 39])
+    recipe.after_update(None, {"features": features, "index": index, "log_z": None})
+    after = recipe.memory_bank.numpy()
+    expected = 0.5 * before[[5, 0, 39]] + 0.5 * features.numpy()
+    np.testing.assert_allclose(after[[5, 0, 39]], expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(40), [5, 0, 39])
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+
+
+def test_npid_learns_and_asks_for_the_index():
+    index = np.arange(16, dtype="int64")
+    batch = {"image": _images(16), "index": index}
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        recipe = _npid()()
+    recipe.compile(optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="with_index=True"):
+        recipe.loss_terms({"image": tf.constant(batch["image"])})
+    _loss_drops_on_fixed_views(recipe, batch)
+
+
+# ---- CPC v2 ---------------------------------------------------------------------------
+def _cpc():
+    return _maker("cpc", prediction_steps=2, context_dim=16)
+
+
+def test_cpc_one_vs_two_replicas_and_learning():
+    batch = {"image": _images(8)}
+    recipe, _ = compare_one_vs_two_replicas(_cpc(), batch, state_fn=_trainables, atol=1e-4)
+    _loss_drops_on_fixed_views(recipe, batch)
+
+
+def test_cpc_context_is_causal_top_to_bottom():
+    network = causal_context_network(dim=4, hidden_dim=8, num_blocks=2)
+    latents = np.random.RandomState(0).randn(1, 5, 5, 4).astype("float32")
+    changed = latents.copy()
+    changed[:, 3] += 10.0  # perturb row 3
+    a, b = network(latents).numpy(), network(changed).numpy()
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)  # rows above never see it
+    assert not np.allclose(a[:, 3:], b[:, 3:])
+
+
+def test_cpc_published_encoder_pools_the_patch_encoder_and_reloads(tmp_path):
+    recipe = _cpc()()
+    images = _images(2)
+    assert recipe.encoder.input_shape[1:] == SHAPE
+    patches = tf.image.extract_patches(tf.cast(images, tf.float32), [1, 8, 8, 1], [1, 4, 4, 1], [1, 1, 1, 1],
+                                       "VALID")
+    per_patch = recipe.patch_encoder(tf.reshape(patches, [-1, 8, 8, 1])).numpy().reshape(2, 9, -1)
+    np.testing.assert_allclose(recipe.encoder(images).numpy(), per_patch.mean(axis=1), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "cpc_encoder.keras"
+    recipe.encoder.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(reloaded(images).numpy(), recipe.encoder(images).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_steps"):
+        CPC(_encoder(), prediction_steps=3)
+
+
+# ---- BYOL -----------------------------------------------------------------------------
+def test_byol_one_vs_two_replicas_target_ema_and_learning():
+    batch = {"image": _images(16)}
+    recipe, _ = compare_one_vs_two_replicas(
+        _maker("byol", hidden_dim=32, projection_dim=16, total_steps=100), batch,
+        state_fn=lambda r: [w.value for w in r.target_projector.trainable_weights] + _trainables(r),
+        **BN_HEAD_TOLERANCE)
+    # The target is not trained by the optimizer and holds the same weights as the online net's EMA.
+    target_ids = {id(v) for v in recipe.target_encoder.weights}
+    assert not any(id(v) in target_ids for v in recipe.optimized_variables)
+    _loss_drops_on_fixed_views(recipe, batch)
+
+
+def test_byol_momentum_rises_on_a_cosine_from_base_to_one():
+    values = [float(cosine_momentum(k, 0.996, 100)) for k in (0, 50, 100, 200)]
+    np.testing.assert_allclose(values, [0.996, 0.998, 1.0, 1.0], atol=1e-6)
+    assert float(cosine_momentum(70, 0.99, None)) == pytest.approx(0.99)
+
+
+# ---- Barlow Twins ---------------------------------------------------------------------
+def test_barlow_twins_one_vs_two_replicas_global_correlation_and_learning():
+    batch = {"image": _images(16)}
+    recipe, _ = compare_one_vs_two_replicas(
+        _maker("barlow_twins", hidden_dim=32, projection_dim=16, lambda_offdiag=0.05), batch,
+        state_fn=_trainables, **BN_HEAD_TOLERANCE)
+    _loss_drops_on_fixed_views(recipe, batch)
+
+
+# ---- DINO -----------------------------------------------------------------------------
+def _dino(**config):
+    return _maker("dino", output_dim=32, hidden_dim=32, bottleneck_dim=16, num_local_crops=2, total_steps=100,
+                  teacher_temperature_warmup_steps=10, **config)
+
+
+def test_dino_one_vs_two_replicas_centre_teacher_and_learning():
+    batch = {"image": _images(16)}
+    recipe, _ = compare_one_vs_two_replicas(
+        _dino(), batch,
+        state_fn=lambda r: [r.center.value] + [w.value for w in r.teacher_head.trainable_weights] + _trainables(r),
+        atol=1e-4)
+    assert recipe.local_crop_size == 8 and np.abs(recipe.center.numpy()).max() > 0
+    _loss_drops_on_fixed_views(recipe, batch)
+
+
+def test_dino_schedules_and_weight_normalized_prototypes():
+    np.testing.assert_allclose([float(teacher_temperature(k, 0.04, 0.07, 30)) for k in (0, 15, 30, 99)],
+                               [0.04, 0.055, 0.07, 0.07], atol=1e-6)
+    layer = WeightNormDense(5)
+    layer.build((None, 3))
+    layer.direction.assign(np.random.RandomState(0).randn(3, 5) * 7)
+    columns = layer(np.eye(3, dtype="float32")).numpy()  # rows of the effective weight
+    np.testing.assert_allclose(np.linalg.norm(columns, axis=0), 1.0, rtol=1e-5)
+    assert not layer.magnitude.trainable
+
+
+def test_dino_freezes_the_prototypes_at_the_start():
+    recipe = _dino(freeze_last_layer_steps=5)()
+    recipe.compile(optimizer=keras.optimizers.SGD(0.1))
+    _, gradients, _ = recipe.loss_and_gradients({"image": tf.constant(_images(8))})
+    frozen = {id(v) for v in recipe.head.layers[-1].trainable_variables}
+    for g, v in zip(gradients, recipe.optimized_variables):
+        if id(v) in frozen:
+            assert np.abs(g.numpy()).max() == 0
+    assert any(np.abs(g.numpy()).max() > 0 for g in gradients)
