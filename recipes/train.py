@@ -51,6 +51,10 @@ flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line per 
 flags.DEFINE_string("zoo_entry", None, "Rerun the recipe recorded in this zoo entry's card (NAME or NAME:VERSION); "
                     "flags given explicitly (e.g. --dataset) override the card.")
 flags.DEFINE_string("publish_as", None, "Publish the trained encoder to the zoo under this name (a new version).")
+flags.DEFINE_integer("labels_per_class", None, "Label-using recipes: labelled images per class (stratified).")
+flags.DEFINE_float("label_fraction", None, "Label-using recipes: fraction of the training split that keeps labels.")
+flags.DEFINE_string("init_from", None, "Start from this published zoo encoder (NAME or NAME:VERSION) instead of "
+                    "a random one.")
 flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as (default $ZOO_HOME or ~/.ssl_zoo).")
 
 # Flags a zoo card can fill in, and the run.json key each one comes from.
@@ -204,6 +208,61 @@ def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
     return guard, callbacks
 
 
+def run_facts(strategy, train_images) -> dict:
+    """The run.json fields every recipe shares: what was trained on what, how."""
+    return {
+        "recipe": FLAGS.recipe, "backbone": FLAGS.backbone, "backbone_width": FLAGS.width,
+        "init_from": FLAGS.init_from, "input_shape": list(train_images.shape[1:]), "dataset": FLAGS.dataset,
+        "train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "epochs": FLAGS.epochs,
+        "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer, "lr": FLAGS.lr,
+        "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "seed": FLAGS.seed,
+        "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
+        "labels_per_class": FLAGS.labels_per_class, "label_fraction": FLAGS.label_fraction,
+        "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
+    }
+
+
+def write_outputs(chief, model_dir, encoder, run_info, metrics):
+    """encoder.keras, run.json, metrics.json on the chief (then --publish_as)."""
+    if not chief:  # keep only this worker's final encoder, to check workers agree
+        shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+        encoder.save(os.path.join(model_dir, "encoder.keras"))
+        return
+    encoder.save(os.path.join(model_dir, "encoder.keras"))
+    for name, content in (("run.json", run_info), ("metrics.json", metrics)):
+        with open(os.path.join(model_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if FLAGS.publish_as:
+        import zoo
+
+        print(f"Published {zoo.publish(model_dir, name=FLAGS.publish_as, store=FLAGS.zoo_store)}.")
+
+
+def train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, steps, train, test) -> dict:
+    """finetune / fixmatch / pseudo_label / noisy_student (no epoch checkpoints on this path)."""
+    from recipes import evaluate
+    from recipes.semi.cli import train_with_labels
+
+    started = time.time()
+    model, encoder, metrics = train_with_labels(
+        FLAGS.recipe, new_encoder, train, test, labels_per_class=FLAGS.labels_per_class,
+        label_fraction=FLAGS.label_fraction, epochs=FLAGS.epochs, steps_per_epoch=steps,
+        batch_size=FLAGS.batch_size, strategy=strategy, seed=FLAGS.seed, hparams=hparams, verbose=FLAGS.verbose)
+    wall = time.time() - started
+    protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
+                "seed": FLAGS.seed}
+    metrics.update(evaluate.evaluate_encoder(encoder, *train, *test, int(train[1].max()) + 1, probe_epochs=0,
+                                             protocol=protocol))
+    run_info = {**run_facts(strategy, train[0]), "recipe_config": model.get_config(),
+                "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps,
+                "wall_time_s": round(wall, 2), "images_per_sec": None}
+    write_outputs(chief, model_dir, encoder, run_info, metrics)
+    print(f"{FLAGS.recipe}: test accuracy {metrics['classifier']['accuracy']:.4f} "
+          f"({metrics['classifier']['protocol']['labelled']} labels); encoder kNN {metrics['knn']['accuracy']:.4f}")
+    return {"run": run_info, "metrics": metrics}
+
+
 def train(argv=None) -> dict:
     import keras
     import numpy as np
@@ -212,6 +271,7 @@ def train(argv=None) -> dict:
     import recipes
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
+    from recipes.semi.cli import LABEL_RECIPES
     from zoo import backbones
 
     hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
@@ -240,8 +300,19 @@ def train(argv=None) -> dict:
     total_steps = steps * FLAGS.epochs
 
     keras.utils.set_random_seed(FLAGS.seed)  # here: data loading may consume Python/numpy randomness
+
+    def new_encoder():
+        if FLAGS.init_from:
+            import zoo
+
+            return zoo.load(FLAGS.init_from, store=FLAGS.zoo_store)
+        return backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width)
+
+    if FLAGS.recipe in LABEL_RECIPES:
+        return train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, FLAGS.steps_per_epoch,
+                                  (train_images, train_labels), (test_images, test_labels))
     with strategy.scope():
-        encoder = backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width)
+        encoder = new_encoder()
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
         recipe.compile(optimizer=make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
                                                 FLAGS.warmup_epochs * steps),
@@ -250,16 +321,8 @@ def train(argv=None) -> dict:
         checkpoint = EpochCheckpoint(recipe, os.path.join(model_dir, "checkpoints"))
         initial_epoch = checkpoint.restore()
 
-    run_info = {
-        "recipe": FLAGS.recipe, "recipe_config": recipe.get_config(), "backbone": FLAGS.backbone,
-        "backbone_width": FLAGS.width, "input_shape": list(train_images.shape[1:]),
-        "embedding_dim": int(encoder.output_shape[-1]), "dataset": FLAGS.dataset,
-        "train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "epochs": FLAGS.epochs,
-        "steps_per_epoch": steps, "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer,
-        "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs,
-        "seed": FLAGS.seed, "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
-        "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(), "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
-    }
+    run_info = {**run_facts(strategy, train_images), "recipe_config": recipe.get_config(),
+                "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps}
     timing = {"train_seconds": 0.0, "epoch": initial_epoch, "epoch_start": time.time()}
     knn_data = None
     if FLAGS.knn_every > 0:
@@ -288,18 +351,7 @@ def train(argv=None) -> dict:
     metrics = evaluate.evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
                                         probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol)
     metrics["train"] = {"wall_time_s": run_info["wall_time_s"], "images_per_sec": run_info["images_per_sec"]}
-    if chief:
-        encoder.save(os.path.join(model_dir, "encoder.keras"))
-        for name, content in (("run.json", run_info), ("metrics.json", metrics)):
-            with open(os.path.join(model_dir, name), "w") as f:
-                json.dump(content, f, indent=2)
-    else:  # keep only this worker's final encoder, to check workers agree
-        shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
-        encoder.save(os.path.join(model_dir, "encoder.keras"))
-    if chief and FLAGS.publish_as:
-        import zoo
-
-        print(f"Published {zoo.publish(model_dir, name=FLAGS.publish_as, store=FLAGS.zoo_store)}.")
+    write_outputs(chief, model_dir, encoder, run_info, metrics)
     knn = metrics["knn"]["accuracy"]
     probe = metrics.get("linear_probe", {}).get("accuracy")
     print(f"kNN accuracy (k=200, T=0.1, {FLAGS.dataset} {FLAGS.test_split}): {knn:.4f}"

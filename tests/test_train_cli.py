@@ -133,3 +133,37 @@ def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp
     assert (run_b["backbone"], run_b["backbone_width"], run_b["dataset"], run_b["lr"]) == \
         (run_a["backbone"], run_a["backbone_width"], run_a["dataset"], 0.02)
     assert run_b["retrained_from"] == "tiny_moco" and run_b["steps_per_epoch"] == 2
+
+
+@pytest.mark.parametrize("recipe, hparams", [("finetune", ""), ("fixmatch", "mu=2"), ("pseudo_label", "rounds=1"),
+                                             ("noisy_student", "rounds=1")])
+def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams, data_dir, tmp_path):
+    result = _train([f"--recipe={recipe}", "--dataset=synthetic_shapes", "--width=0.125", "--batch_size=16",
+                     "--epochs=1", "--steps_per_epoch=2", "--labels_per_class=5", "--verbose=0",
+                     f"--hparams={hparams}", f"--model_dir={tmp_path}"], _env(data_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["classifier"]["protocol"]["labelled"] == 5 * 8  # synthetic_shapes has 8 classes
+    assert 0.0 <= metrics["classifier"]["accuracy"] <= 1.0
+    if recipe in ("pseudo_label", "noisy_student"):
+        assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert (tmp_path / "encoder.keras").exists()
+
+
+def test_label_recipe_without_a_labelled_split_says_which_flag(data_dir, tmp_path):
+    result = _train(["--recipe=finetune", "--dataset=synthetic_shapes", f"--model_dir={tmp_path}"], _env(data_dir))
+    assert result.returncode != 0 and "--labels_per_class" in result.stderr
+
+
+def test_finetune_init_from_a_published_encoder(data_dir, tmp_path):
+    import zoo
+    from zoo import backbones
+
+    encoder = backbones.build("resnet18_small", (32, 32, 3), width=0.125)
+    zoo.publish(name="start_point", encoder=encoder, store=str(tmp_path / "zoo"))
+    result = _train(["--recipe=finetune", "--dataset=synthetic_shapes", "--batch_size=16", "--epochs=1",
+                     "--labels_per_class=4", "--verbose=0", "--init_from=start_point",
+                     f"--zoo_store={tmp_path / 'zoo'}", f"--model_dir={tmp_path / 'run'}"], _env(data_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["init_from"] == "start_point" and run["labels_per_class"] == 4

@@ -1,0 +1,70 @@
+"""The training CLI's path for recipes that use labels: finetune, fixmatch, pseudo_label, noisy_student.
+
+`recipes.train` hands over here when --recipe names one of them. The labelled subset
+comes from --labels_per_class or --label_fraction (stratified, seeded); the rest of
+the training split is the unlabelled pool, its true labels held back only to report
+pseudo-label accuracy. Results carry their protocol like every other metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recipes import data
+
+LABEL_RECIPES = ("finetune", "fixmatch", "pseudo_label", "noisy_student")
+
+
+def labelled_split(train_labels, labels_per_class=None, label_fraction=None, seed=0):
+    if labels_per_class is None and label_fraction is None:
+        raise ValueError("Recipes that learn from labels need --labels_per_class=N or --label_fraction=F.")
+    return data.split_labelled(train_labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
+
+
+def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None, label_fraction=None, epochs=10,
+                      steps_per_epoch=None, batch_size=64, strategy=None, seed=0, hparams=None, verbose=0):
+    """Runs one label-using recipe; returns (model, exported encoder, metrics)."""
+    from recipes.semi.finetune import run_finetune
+    from recipes.semi.fixmatch import run_fixmatch
+    from recipes.semi.noisy_student import run_noisy_student
+    from recipes.semi.pseudo_label import run_pseudo_label
+
+    hparams = dict(hparams or {})
+    (train_x, train_y), (test_x, test_y) = train, test
+    num_classes = int(max(train_y.max(), test_y.max()) + 1)
+    labelled_idx, unlabelled_idx = labelled_split(train_y, labels_per_class, label_fraction, seed)
+    labelled = (train_x[labelled_idx], train_y[labelled_idx])
+    common = dict(strategy=strategy, seed=seed, verbose=verbose)
+    if recipe == "finetune":
+        model, metrics = run_finetune(encoder_fn(), num_classes, *labelled, (test_x, test_y), epochs=epochs,
+                                      batch_size=batch_size, **common, **hparams)
+    elif recipe == "fixmatch":
+        steps = epochs * (steps_per_epoch or max(1, len(train_x) // batch_size))
+        # As in the paper, the whole training split (labels dropped) is the unlabelled pool.
+        model, metrics = run_fixmatch(encoder_fn(), num_classes, labelled, train_x, (test_x, test_y), steps=steps,
+                                      batch_size=batch_size, heldout_unlabelled_labels=train_y, **common, **hparams)
+    elif recipe in ("pseudo_label", "noisy_student"):
+        run = run_pseudo_label if recipe == "pseudo_label" else run_noisy_student
+        model, rounds = run(encoder_fn, num_classes, labelled, train_x[unlabelled_idx], (test_x, test_y),
+                            epochs=epochs, steps=steps_per_epoch, batch_size=batch_size,
+                            heldout_unlabelled_labels=train_y[unlabelled_idx], **common, **hparams)
+        metrics = {"rounds": rounds, "test_accuracy": rounds[-1].get("test_accuracy")}
+    else:
+        raise ValueError(f"{recipe!r} is not a label-using recipe ({', '.join(LABEL_RECIPES)}).")
+    protocol = {"method": "classifier test accuracy", "dataset_split": "test", "labelled": int(len(labelled_idx)),
+                "labels_per_class": labels_per_class, "label_fraction": label_fraction, "epochs": epochs,
+                "batch_size": batch_size, "seed": seed}
+    metrics["classifier"] = {"accuracy": float(metrics["test_accuracy"]), "protocol": protocol}
+    encoder = getattr(model, "exported_encoder", model.encoder)
+    return model, encoder, _plain(metrics)
+
+
+def _plain(value):
+    """numpy scalars -> Python, so metrics serialize as JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
