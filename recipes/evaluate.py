@@ -30,6 +30,7 @@ def extract_features(encoder: keras.Model, images: np.ndarray, batch_size: int =
 
 
 def _normalize(x):
+    x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -65,6 +66,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
                  epochs=100, batch_size=256, learning_rate=1e-3, weight_decay=1e-4, seed=0,
                  protocol=None) -> dict:
     """Accuracy of a softmax classifier trained on frozen, standardized features (AdamW)."""
+    train_features = np.asarray(train_features, np.float32)
+    test_features = np.asarray(test_features, np.float32)
     mean = train_features.mean(axis=0, keepdims=True)
     std = train_features.std(axis=0, keepdims=True) + 1e-6
     x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
