@@ -57,11 +57,11 @@ def _maker(name, **config):
     return lambda: get_recipe_class(name)(_encoder(), bn_splits=2, **config)
 
 
-def _loss_drops_on_fixed_views(recipe, batch, steps=4):
+def _loss_drops_on_fixed_views(recipe, batch, steps=4, learning_rate=0.02):
     """Trains on the views of step 0 again and again; the loss on them must fall."""
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():  # a gentle optimizer: a few small steps must lower the loss
-        recipe.compile(optimizer=keras.optimizers.SGD(0.02))
+        recipe.compile(optimizer=keras.optimizers.SGD(learning_rate))
         recipe.optimizer.build(recipe.optimized_variables)
     data = {k: tf.constant(v) for k, v in batch.items()}
     iterations = recipe.optimizer.iterations
@@ -206,12 +206,13 @@ def test_barlow_twins_one_vs_two_replicas_global_correlation_and_learning():
     recipe, _ = compare_one_vs_two_replicas(
         _maker("barlow_twins", hidden_dim=32, projection_dim=16, lambda_offdiag=0.05), batch,
         state_fn=_trainables, **BN_HEAD_TOLERANCE)
-    _loss_drops_on_fixed_views(recipe, batch)
+    # The loss sums D^2 correlation terms: its gradients are large, so smaller steps.
+    _loss_drops_on_fixed_views(recipe, batch, learning_rate=0.002)
 
 
 # ---- DINO -----------------------------------------------------------------------------
 def _dino(**config):
-    return _maker("dino", output_dim=32, hidden_dim=32, bottleneck_dim=16, num_local_crops=2, total_steps=100,
+    return _maker("dino", output_dim=32, hidden_dim=32, bottleneck_dim=16, num_local_crops=1, total_steps=100,
                   teacher_temperature_warmup_steps=10, **config)
 
 
