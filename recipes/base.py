@@ -131,9 +131,16 @@ class Recipe(keras.Model):
 
     def before_update(self, data):
         """State updates that precede the loss (MoCo updates its key encoder first)."""
+        return None
 
     def after_update(self, data, state):
         """State updates after the gradient step (queues, memory banks)."""
+        return None
+
+    @property
+    def metrics(self):
+        """What the progress bar shows; recipes with more trackers extend this list."""
+        return [self.loss_tracker]
 
     def loss_and_gradients(self, data):
         """Per-replica loss (already divided by the global batch) and its gradients."""

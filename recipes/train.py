@@ -142,7 +142,7 @@ def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps):
 def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
     """Instantiates a recipe, passing run facts only to recipes that ask for them."""
     accepted = inspect.signature(recipe_cls.__init__).parameters
-    extra = {k: v for k, v in {"total_steps": total_steps, "num_examples": num_examples}.items()
+    extra = {k: v for k, v in {"total_steps": total_steps, "dataset_size": num_examples}.items()
              if k in accepted and k not in hparams}
     unknown = [k for k in hparams if k not in accepted]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values() if p.name != "kwargs"):

@@ -56,10 +56,25 @@ def train_step(strategy, recipe, batch):
     run()
 
 
+_MIRRORED = {}
+
+
+def two_replica_strategy():
+    """One MirroredStrategy over 2 logical CPUs per process.
+
+    A second MirroredStrategy on the same devices restarts its collective instance
+    keys, and its collectives then clash with the first one's ("Shape mismatch in the
+    collective instance"); every test must share this one.
+    """
+    if "strategy" not in _MIRRORED:
+        _MIRRORED["strategy"] = tf.distribute.MirroredStrategy(TWO_CPUS)
+    return _MIRRORED["strategy"]
+
+
 def compare_one_vs_two_replicas(make_recipe, batch, state_fn=None, atol=1e-5, rtol=1e-4):
     """Asserts equal loss, gradients and (optionally) state after one train step."""
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    two = tf.distribute.MirroredStrategy(TWO_CPUS)
+    two = two_replica_strategy()
     recipe_1 = build_recipe(one, make_recipe)
     recipe_2 = build_recipe(two, make_recipe, weights=recipe_1.get_weights())
 

@@ -17,32 +17,10 @@ from recipes.contrastive.npid import NPIDRecipe
 from recipes.distillation.byol import cosine_momentum
 from recipes.distillation.dino import teacher_temperature
 from recipes.heads import WeightNormDense
-from tests import distributed_utils
 from tests.distributed_utils import compare_one_vs_two_replicas
 from zoo import backbones
 
 SHAPE = (16, 16, 1)
-_MIRRORED = {}
-
-
-@pytest.fixture(autouse=True)
-def _one_mirrored_strategy_per_process(monkeypatch):
-    """Reuses one MirroredStrategy for every comparison in this process.
-
-    Each new MirroredStrategy on the same CPUs starts its collective keys afresh, so
-    the second one's first all-gather reuses a (group, instance) key the first one
-    resolved with another shape and the collective aborts ("Shape mismatch in the
-    collective instance 100"). One strategy keeps counting its keys.
-    """
-    original = tf.distribute.MirroredStrategy
-
-    def mirrored(devices=None, **kwargs):
-        key = tuple(devices or ())
-        if key not in _MIRRORED:
-            _MIRRORED[key] = original(devices, **kwargs)
-        return _MIRRORED[key]
-
-    monkeypatch.setattr(distributed_utils.tf.distribute, "MirroredStrategy", mirrored)
 
 
 def _images(n=16, seed=0):
@@ -88,11 +66,13 @@ def _trainables(recipe, count=3):
     return [w.value for w in weights[:count]] + [w.value for w in weights[-2:]]
 
 
-# Projection heads with BatchNorm over groups of 8 rows divide by small standard
-# deviations at initialization; float32 round-off (whose order differs between one
-# device and two) is amplified in the stem's gradient to ~1e-2 relative under load.
-# A missing gather or a wrong batch scaling shows up as O(1) relative errors.
-BN_HEAD_TOLERANCE = dict(atol=5e-3, rtol=2e-2)
+# Gradients of the stem sum over every pixel and row; float32 summation order differs
+# between one device and two, so relative differences reach ~1e-4 for SimCLR and
+# Barlow Twins. BYOL's BN heads normalize groups of 8 rows whose variances are tiny at
+# initialization (target = online), which amplifies that round-off to ~4e-3 absolute
+# in the stem. A missing gather or a wrong batch scaling shows up as O(1) errors.
+BN_HEAD_TOLERANCE = dict(atol=1e-4, rtol=1e-3)
+BYOL_TOLERANCE = dict(atol=5e-3, rtol=2e-2)
 
 
 # ---- SimCLR ---------------------------------------------------------------------------
@@ -151,7 +131,8 @@ def _cpc():
 
 def test_cpc_one_vs_two_replicas_and_learning():
     batch = {"image": _images(8)}
-    recipe, _ = compare_one_vs_two_replicas(_cpc(), batch, state_fn=_trainables, atol=1e-4)
+    # Stem gradients sum over every patch (|g| ~ 30): float32 order differences reach ~5e-4.
+    recipe, _ = compare_one_vs_two_replicas(_cpc(), batch, state_fn=_trainables, atol=1e-4, rtol=1e-3)
     _loss_drops_on_fixed_views(recipe, batch)
 
 
@@ -187,7 +168,7 @@ def test_byol_one_vs_two_replicas_target_ema_and_learning():
     recipe, _ = compare_one_vs_two_replicas(
         _maker("byol", hidden_dim=32, projection_dim=16, total_steps=100), batch,
         state_fn=lambda r: [w.value for w in r.target_projector.trainable_weights] + _trainables(r),
-        **BN_HEAD_TOLERANCE)
+        **BYOL_TOLERANCE)
     # The target is not trained by the optimizer and holds the same weights as the online net's EMA.
     target_ids = {id(v) for v in recipe.target_encoder.weights}
     assert not any(id(v) in target_ids for v in recipe.optimized_variables)

@@ -6,6 +6,7 @@ import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
 from recipes.semi import randaugment as ra
+from tests.distributed_utils import two_replica_strategy
 
 RGB = np.random.RandomState(0).randint(0, 256, (4, 12, 12, 3)).astype("uint8")
 # Low-contrast grey images make auto-contrast and equalize do real work.
@@ -83,7 +84,7 @@ def test_strong_view_rows_depend_on_the_global_batch_only():
     """Rows 2-3 of a global batch of 4 equal the second replica's view of its own two rows."""
     seed = tf.constant([5, 6])
     whole = ra.strong_view(RGB, seed, 4).numpy()
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replica_strategy()
     halves = strategy.experimental_distribute_values_from_function(
         lambda ctx: tf.constant(RGB[2 * ctx.replica_id_in_sync_group:2 * ctx.replica_id_in_sync_group + 2]))
     per_replica = strategy.run(tf.function(lambda x: ra.strong_view(x, seed, 4)), args=(halves,))
