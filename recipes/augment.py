@@ -57,8 +57,12 @@ class ViewPolicy:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
 
 
-class _Draws:
-    """Per-image random numbers drawn for the global batch, sliced to this replica."""
+class GlobalDraws:
+    """Per-image random numbers drawn for the global batch, sliced to this replica.
+
+    Shared by every batched augmentation (here and recipes.semi.randaugment), so that
+    an image gets the same random view on 1 or N replicas.
+    """
 
     def __init__(self, seed, global_batch: int, local_batch: int):
         self.seed = seed
@@ -75,18 +79,26 @@ class _Draws:
     def bernoulli(self, p):
         return self.uniform() < p
 
+    def integers(self, low: int, high: int):
+        """Uniform integers in [low, high)."""
+        values = tf.floor(self.uniform(0.0, 1.0) * (high - low)) + low
+        return tf.cast(tf.minimum(values, high - 1), tf.int32)
+
+    def sign(self):
+        return tf.where(self.uniform() < 0.5, -1.0, 1.0)
+
 
 def _broadcast(per_image):
     return per_image[:, None, None, None]
 
 
-def _gray(x):
+def gray(x):
     if x.shape[-1] == 1:
         return x
     return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
 
 
-def crop_boxes(draws: _Draws, scale, ratio, flip: bool):
+def crop_boxes(draws: GlobalDraws, scale, ratio, flip: bool):
     """RandomResizedCrop boxes (y1, x1, y2, x2) in [0, 1]; flipping swaps x1 and x2."""
     area = draws.uniform(*scale)
     log_ratio = draws.uniform(math.log(ratio[0]), math.log(ratio[1]))
@@ -102,15 +114,15 @@ def crop_boxes(draws: _Draws, scale, ratio, flip: bool):
     return tf.stack([top, x1, top + height, x2], axis=1)
 
 
-def color_jitter(x, draws: _Draws, policy: ViewPolicy):
+def color_jitter(x, draws: GlobalDraws, policy: ViewPolicy):
     """Brightness, contrast, saturation, hue with per-image strengths; x in [0, 1]."""
     b, c, s, h = policy.brightness, policy.contrast, policy.saturation, policy.hue
     jittered = x * _broadcast(draws.uniform(1 - b, 1 + b))
     jittered = tf.clip_by_value(jittered, 0.0, 1.0)
-    mean = tf.reduce_mean(_gray(jittered), axis=[1, 2, 3], keepdims=True)
+    mean = tf.reduce_mean(gray(jittered), axis=[1, 2, 3], keepdims=True)
     jittered = tf.clip_by_value((jittered - mean) * _broadcast(draws.uniform(1 - c, 1 + c)) + mean, 0.0, 1.0)
     if x.shape[-1] == 3:
-        gray = _gray(jittered)
+        gray = gray(jittered)
         jittered = tf.clip_by_value(gray + (jittered - gray) * _broadcast(draws.uniform(1 - s, 1 + s)), 0.0, 1.0)
         hsv = tf.image.rgb_to_hsv(jittered)
         hue = tf.math.floormod(hsv[..., :1] + _broadcast(draws.uniform(-h, h)), 1.0)
@@ -118,7 +130,7 @@ def color_jitter(x, draws: _Draws, policy: ViewPolicy):
     return tf.where(_broadcast(draws.bernoulli(policy.jitter_p)), jittered, x)
 
 
-def gaussian_blur(x, draws: _Draws, p: float):
+def gaussian_blur(x, draws: GlobalDraws, p: float):
     """Separable Gaussian blur with per-image sigma in [0.1, 2.0], kernel ~10% of the side."""
     batch, height, width, channels = x.shape
     size = max(3, (int(0.1 * min(height, width)) // 2) * 2 + 1)
@@ -155,14 +167,14 @@ def random_view(images, seed, policy: ViewPolicy, global_batch: int, output_size
     if output_size is not None:
         height, width = (int(d) for d in output_size)
     local_batch = local_batch or tf.shape(images)[0]
-    draws = _Draws(seed, global_batch, local_batch)
+    draws = GlobalDraws(seed, global_batch, local_batch)
     x = tf.cast(images, tf.float32) / 255.0
     boxes = crop_boxes(draws, policy.crop_scale, policy.crop_ratio, policy.flip)
     x = tf.image.crop_and_resize(x, boxes, tf.range(tf.shape(x)[0]), (height, width))
     if policy.jitter_p > 0:
         x = color_jitter(x, draws, policy)
     if policy.grayscale_p > 0 and channels == 3:
-        x = tf.where(_broadcast(draws.bernoulli(policy.grayscale_p)), tf.tile(_gray(x), [1, 1, 1, 3]), x)
+        x = tf.where(_broadcast(draws.bernoulli(policy.grayscale_p)), tf.tile(gray(x), [1, 1, 1, 3]), x)
     if policy.blur_p > 0 and min(height, width) >= policy.blur_min_size:
         x = gaussian_blur(x, draws, policy.blur_p)
     if policy.solarize_p > 0:

@@ -33,7 +33,7 @@ import math
 
 import tensorflow as tf
 
-from recipes.distribute import replica_slice
+from recipes.augment import GlobalDraws, gray
 
 GREY = 128.0
 
@@ -63,39 +63,9 @@ class StrongPolicy:
         return cls(**config)
 
 
-class GlobalDraws:
-    """Per-image random numbers drawn for the global batch, then sliced to this replica."""
-
-    def __init__(self, seed, global_batch: int, local_batch: int):
-        self.seed = seed
-        self.global_batch = global_batch
-        self.local_batch = local_batch
-        self.count = 0
-
-    def uniform(self, low=0.0, high=1.0):
-        self.count += 1
-        seed = tf.random.experimental.stateless_fold_in(self.seed, self.count)
-        values = tf.random.stateless_uniform((self.global_batch,), seed, low, high)
-        return replica_slice(values, self.local_batch)
-
-    def integers(self, low: int, high: int):
-        """Uniform integers in [low, high)."""
-        values = tf.floor(self.uniform(0.0, 1.0) * (high - low)) + low
-        return tf.cast(tf.minimum(values, high - 1), tf.int32)
-
-    def sign(self):
-        return tf.where(self.uniform() < 0.5, -1.0, 1.0)
-
-
 def _b(per_image):
     """[B] -> [B, 1, 1, 1], to broadcast a per-image value over pixels."""
     return tf.reshape(per_image, [-1, 1, 1, 1])
-
-
-def _gray(x):
-    if x.shape[-1] == 1:
-        return x
-    return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
 
 
 def _blend(degenerate, x, factor):
@@ -138,11 +108,11 @@ def brightness(x, strength, sign):
 
 
 def color(x, strength, sign):
-    return _blend(_gray(x), x, 1.0 + 0.9 * strength * sign)
+    return _blend(gray(x), x, 1.0 + 0.9 * strength * sign)
 
 
 def contrast(x, strength, sign):
-    mean = tf.reduce_mean(_gray(x), axis=[1, 2, 3], keepdims=True)
+    mean = tf.reduce_mean(gray(x), axis=[1, 2, 3], keepdims=True)
     return _blend(mean, x, 1.0 + 0.9 * strength * sign)
 
 
