@@ -122,8 +122,8 @@ def color_jitter(x, draws: GlobalDraws, policy: ViewPolicy):
     mean = tf.reduce_mean(gray(jittered), axis=[1, 2, 3], keepdims=True)
     jittered = tf.clip_by_value((jittered - mean) * _broadcast(draws.uniform(1 - c, 1 + c)) + mean, 0.0, 1.0)
     if x.shape[-1] == 3:
-        gray = gray(jittered)
-        jittered = tf.clip_by_value(gray + (jittered - gray) * _broadcast(draws.uniform(1 - s, 1 + s)), 0.0, 1.0)
+        luminance = gray(jittered)
+        jittered = tf.clip_by_value(luminance + (jittered - luminance) * _broadcast(draws.uniform(1 - s, 1 + s)), 0.0, 1.0)
         hsv = tf.image.rgb_to_hsv(jittered)
         hue = tf.math.floormod(hsv[..., :1] + _broadcast(draws.uniform(-h, h)), 1.0)
         jittered = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
