@@ -160,6 +160,10 @@ class Recipe(keras.Model):
         for metric in self.metrics:
             if metric is not self.loss_tracker:
                 logs[metric.name] = metric.result()
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3.15 reduces logs across workers with a hard-coded MEAN over axis 0,
+            # which fails on scalars; shape [1] reduces to the same scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
     def test_step(self, data):

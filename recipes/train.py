@@ -109,7 +109,9 @@ def epoch_batches(images, batch_size, steps_per_epoch, first_epoch, last_epoch, 
             batch["index"] = index
         return batch
 
-    dataset = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch)
+    # Infinite (fit stops after steps_per_epoch * epochs): a finite dataset makes
+    # multi-worker input use get_next_as_optional, which loses the static batch size.
+    dataset = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(one_epoch).repeat()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2).with_options(options)
@@ -126,6 +128,24 @@ def flags_from_zoo_entry(ref: str, store=None) -> dict:
             FLAGS[flag].value = spec[key]
     print(f"Retraining {spec['recipe']} from zoo entry {ref} on {FLAGS.dataset}.")
     return {k: v for k, v in spec["recipe_config"].items() if k != "seed"}
+
+
+def worker_batches(global_batches, context, global_batch_size):
+    """This worker's rows of every global batch, as per-replica batches with static shapes.
+
+    Every worker builds the same (seeded) global batches and keeps rows
+    [w * local, (w + 1) * local): the split MirroredStrategy makes on one machine, so
+    N workers compute what one machine with N devices computes.
+    """
+    import tensorflow as tf
+
+    local = global_batch_size // context.num_input_pipelines
+    start = context.input_pipeline_id * local
+    per_replica = context.get_per_replica_batch_size(global_batch_size)
+    mine = global_batches.map(lambda batch: {k: v[start:start + local] for k, v in batch.items()})
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return mine.unbatch().batch(per_replica, drop_remainder=True).with_options(options)
 
 
 def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps):
@@ -333,6 +353,10 @@ def train(argv=None) -> dict:
     if initial_epoch < FLAGS.epochs:
         batches = epoch_batches(train_images, FLAGS.batch_size, steps, initial_epoch, FLAGS.epochs, FLAGS.seed,
                                 getattr(recipe_cls, "needs_index", False))
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            global_batches = batches
+            batches = strategy.distribute_datasets_from_function(
+                lambda context: worker_batches(global_batches, context, FLAGS.batch_size))
         recipe.fit(batches, epochs=FLAGS.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                    callbacks=callbacks, verbose=FLAGS.verbose)
     if guard.diverged_at is not None:
