@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("epochs", 5, "MoCo pretraining epochs (the demo budget).")
+flags.DEFINE_integer("epochs", 8, "MoCo pretraining epochs (the demo budget).")
 flags.DEFINE_string("model_dir", "runs/main_job", "Training run directory (rerunning resumes it).")
 flags.DEFINE_string("name", "moco_resnet18_fashion_mnist", "Zoo name to publish under.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
