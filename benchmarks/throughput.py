@@ -16,16 +16,16 @@ import time
 
 from absl import app, flags
 
+from recipes import train as _train_cli  # noqa: F401  (defines --width and --seed, reused here)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("recipes", ["moco"], "Recipes to time ('all' for every registered one).")
 flags.DEFINE_list("backbones", ["resnet18_small"], "Backbones.")
-flags.DEFINE_float("width", 0.25, "Backbone width multiplier.")
 flags.DEFINE_list("batch_sizes", ["256"], "Global batch sizes.")
 flags.DEFINE_list("strategies", ["default"], "default, or mirrored2 (2 logical CPU replicas).")
 flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
-flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
 
 
