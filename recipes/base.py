@@ -41,6 +41,20 @@ def get_recipe_class(name: str) -> type:
     return RECIPES[name]
 
 
+def copy_as_target(model: keras.Model) -> keras.Model:
+    """A copy of `model` with the same weights: the start of an EMA target.
+
+    The copy stays `trainable` on purpose: a Keras BatchNormalization layer with
+    trainable=False runs in inference mode, but EMA targets (MoCo's key encoder,
+    BYOL's target, DINO's teacher) normalize with the statistics of the batch like
+    the online network. Recipes keep the target out of the optimizer by listing it
+    in `Recipe.target_models` instead.
+    """
+    target = keras.models.clone_model(model)
+    target.set_weights(model.get_weights())
+    return target
+
+
 class Recipe(keras.Model):
     """Base class: an encoder plus whatever a method trains around it.
 

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from recipes import distribute
 from recipes.augment import ViewPolicy, random_view
-from recipes.base import FeatureQueue, Recipe, register
+from recipes.base import FeatureQueue, Recipe, copy_as_target, register
 from recipes.heads import mlp
 from recipes.losses import contrastive_accuracy, info_nce, l2_normalize
 
@@ -70,13 +70,9 @@ class MoCo(Recipe):
         self.view_policy = ViewPolicy.from_config(view_policy or {})
 
         self.head = mlp(self.hidden_dim, self.projection_dim, name="query_head")
-        self.key_encoder = keras.models.clone_model(encoder)
-        self.key_head = mlp(self.hidden_dim, self.projection_dim, name="key_head")
-        feature_dim = encoder.output_shape[-1]
-        self.head.build((None, feature_dim))
-        self.key_head.build((None, feature_dim))
-        self.key_encoder.set_weights(encoder.get_weights())
-        self.key_head.set_weights(self.head.get_weights())
+        self.head.build((None, encoder.output_shape[-1]))
+        self.key_encoder = copy_as_target(encoder)
+        self.key_head = copy_as_target(self.head)
         self.queue = FeatureQueue(self.queue_size, self.projection_dim, seed=seed, name="queue")
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_acc")
 

@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 
 from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, ViewPolicy, random_view
-from recipes.base import Recipe, register
+from recipes.base import Recipe, copy_as_target, register
 from recipes.heads import mlp
 from recipes.losses import byol_loss
 
@@ -40,19 +40,6 @@ def cosine_momentum(step, base: float, total_steps):
         return tf.constant(base, tf.float32)
     progress = tf.minimum(tf.cast(step, tf.float32) / float(total_steps), 1.0)
     return 1.0 - (1.0 - base) * (tf.cos(math.pi * progress) + 1.0) / 2.0
-
-
-def copy_as_target(model: keras.Model) -> keras.Model:
-    """A copy of `model` with the same weights: the start of an EMA target.
-
-    The copy stays `trainable` on purpose: a Keras BatchNormalization layer with
-    trainable=False runs in inference mode, but BYOL's and DINO's targets normalize
-    with the statistics of the batch like the online network. Recipes keep the
-    target out of the optimizer by listing it in `Recipe.target_models` instead.
-    """
-    target = keras.models.clone_model(model)
-    target.set_weights(model.get_weights())
-    return target
 
 
 @register("byol")

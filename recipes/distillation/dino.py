@@ -36,8 +36,8 @@ import tensorflow as tf
 
 from recipes import distribute
 from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, ViewPolicy, random_view
-from recipes.base import Recipe, register
-from recipes.distillation.byol import copy_as_target, cosine_momentum
+from recipes.base import Recipe, copy_as_target, register
+from recipes.distillation.byol import cosine_momentum
 from recipes.heads import at_input_shape, dino_head
 from recipes.losses import dino_loss
 
