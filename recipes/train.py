@@ -68,10 +68,22 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def _top_level_items(text: str):
+    """Splits on commas outside brackets/braces, so JSON lists and dicts stay whole."""
+    depth, start = 0, 0
+    for i, char in enumerate(text):
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            yield text[start:i]
+            start = i + 1
+    yield text[start:]
+
+
 def parse_hparams(text: str) -> dict:
-    """'a=1,b=0.5,c=true,d="x"' -> {'a': 1, 'b': 0.5, 'c': True, 'd': 'x'}."""
+    """'a=1,b=0.5,c=true,d="x",e={"k":[1,2]}' -> {'a': 1, 'b': 0.5, 'c': True, 'd': 'x', 'e': {...}}."""
     result = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in _top_level_items(text))):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--hparams item {item!r} is not key=value.")

@@ -161,6 +161,7 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["classifier"]["protocol"]["labelled"] == 5 * 8  # synthetic_shapes has 8 classes
     assert 0.0 <= metrics["classifier"]["accuracy"] <= 1.0
+    assert metrics["classifier"]["protocol"]["steps_per_model"] == 2  # --epochs x --steps_per_epoch
     if recipe in ("pseudo_label", "noisy_student"):
         assert [r["round"] for r in metrics["rounds"]] == [0, 1]
     assert (tmp_path / "encoder.keras").exists()
@@ -183,3 +184,14 @@ def test_finetune_init_from_a_published_encoder(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["init_from"] == "start_point" and run["labels_per_class"] == 4
+
+
+def test_hparams_keep_json_lists_and_dicts_whole():
+    from recipes.train import parse_hparams
+
+    parsed = parse_hparams('queue_size=64,symmetric=true,name=x,view_policy={"crop_scale":[0.5,1.0],"flip":false},'
+                           'dims=[1,2]')
+    assert parsed == {"queue_size": 64, "symmetric": True, "name": "x",
+                      "view_policy": {"crop_scale": [0.5, 1.0], "flip": False}, "dims": [1, 2]}
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_hparams("a=1,oops")

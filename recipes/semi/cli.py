@@ -35,24 +35,29 @@ def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None,
     labelled_idx, unlabelled_idx = labelled_split(train_y, labels_per_class, label_fraction, seed)
     labelled = (train_x[labelled_idx], train_y[labelled_idx])
     common = dict(strategy=strategy, seed=seed, verbose=verbose)
+    # --steps_per_epoch fixes every model's length to epochs * steps_per_epoch steps; without
+    # it an epoch is one pass over that model's own training set (for 100 labels: 1-2 steps).
+    steps = epochs * steps_per_epoch if steps_per_epoch else None
     if recipe == "finetune":
         model, metrics = run_finetune(encoder_fn(), num_classes, *labelled, (test_x, test_y), epochs=epochs,
-                                      batch_size=batch_size, **common, **hparams)
+                                      steps=steps, batch_size=batch_size, **common, **hparams)
     elif recipe == "fixmatch":
-        steps = epochs * (steps_per_epoch or max(1, len(train_x) // batch_size))
+        steps = steps or epochs * max(1, len(train_x) // batch_size)
         # As in the paper, the whole training split (labels dropped) is the unlabelled pool.
         model, metrics = run_fixmatch(encoder_fn(), num_classes, labelled, train_x, (test_x, test_y), steps=steps,
+                                      log_every=steps // epochs,
                                       batch_size=batch_size, heldout_unlabelled_labels=train_y, **common, **hparams)
     elif recipe in ("pseudo_label", "noisy_student"):
         run = run_pseudo_label if recipe == "pseudo_label" else run_noisy_student
         model, rounds = run(encoder_fn, num_classes, labelled, train_x[unlabelled_idx], (test_x, test_y),
-                            epochs=epochs, steps=steps_per_epoch, batch_size=batch_size,
+                            epochs=epochs, steps=steps, batch_size=batch_size,
                             heldout_unlabelled_labels=train_y[unlabelled_idx], **common, **hparams)
         metrics = {"rounds": rounds, "test_accuracy": rounds[-1].get("test_accuracy")}
     else:
         raise ValueError(f"{recipe!r} is not a label-using recipe ({', '.join(LABEL_RECIPES)}).")
     protocol = {"method": "classifier test accuracy", "dataset_split": "test", "labelled": int(len(labelled_idx)),
                 "labels_per_class": labels_per_class, "label_fraction": label_fraction, "epochs": epochs,
+                "steps_per_model": steps,
                 "batch_size": batch_size, "seed": seed}
     metrics["classifier"] = {"accuracy": float(metrics["test_accuracy"]), "protocol": protocol}
     encoder = getattr(model, "exported_encoder", model.encoder)

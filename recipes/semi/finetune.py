@@ -193,22 +193,23 @@ def fit_classifier(model, images, labels=None, targets=None, weights=None, epoch
     return model.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
 
 
-def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, batch_size=64,
+def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, steps=None, batch_size=64,
                  optimizer=None, strategy=None, seed=0, verbose=0, **hyperparameters):
     """Fine-tunes `encoder` + a linear classifier on the labelled (images, labels).
 
     The labelled subset is the caller's: `recipes.data.split_labelled(labels,
-    per_class=N or fraction=F)` picks it. Returns (model, metrics dict).
+    per_class=N or fraction=F)` picks it. `steps`, if given, replaces `epochs` (see
+    `fit_classifier`). Returns (model, metrics dict).
     """
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         model = FineTune(encoder, num_classes, seed=seed,
                          label_count=hyperparameters.pop("label_count", len(labels)), **hyperparameters)
         model.compile(optimizer=optimizer or default_optimizer())
-    history = fit_classifier(model, images, labels=labels, epochs=epochs, batch_size=batch_size,
+    history = fit_classifier(model, images, labels=labels, epochs=epochs, batch_size=batch_size, steps=steps,
                              seed=seed, verbose=verbose)
-    metrics = {"protocol": {"labelled": int(len(labels)), "epochs": epochs, "batch_size": batch_size,
-                            "seed": seed}, "train_loss": float(history["loss"][-1])}
+    metrics = {"protocol": {"labelled": int(len(labels)), "epochs": epochs, "steps": steps,
+                            "batch_size": batch_size, "seed": seed}, "train_loss": float(history["loss"][-1])}
     if test is not None:
         metrics["test_accuracy"] = model.accuracy(*test)
     return model, metrics

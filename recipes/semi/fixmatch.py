@@ -238,12 +238,16 @@ def paper_optimizer(total_steps, learning_rate=0.03, weight_decay=5e-4):
 
 
 def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *, steps=1000, batch_size=64,
-                 optimizer=None, strategy=None, seed=0, verbose=0, heldout_unlabelled_labels=None,
+                 log_every=None, optimizer=None, strategy=None, seed=0, verbose=0, heldout_unlabelled_labels=None,
                  **hyperparameters):
     """Trains FixMatch from arrays for `steps` steps; returns (model, metrics dict).
 
-    Test accuracy is the EMA model's.
+    `log_every` steps (a divisor of `steps`; default all of them) make one Keras
+    epoch, i.e. one line of progress. Test accuracy is the EMA model's.
     """
+    log_every = int(log_every or steps)
+    if steps % log_every:
+        raise ValueError(f"log_every={log_every} must divide steps={steps}.")
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         model = FixMatch(encoder, num_classes, seed=seed,
@@ -251,7 +255,7 @@ def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *
         model.compile(optimizer=optimizer or paper_optimizer(steps))
     ds = fixmatch_dataset(labelled[0], labelled[1], unlabelled_images, batch_size, model.mu, seed,
                           unlabelled_labels=heldout_unlabelled_labels)
-    history = model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=verbose).history
+    history = model.fit(ds, epochs=steps // log_every, steps_per_epoch=log_every, verbose=verbose).history
     metrics = {"protocol": {"labelled": int(len(labelled[1])), "unlabelled": int(len(unlabelled_images)),
                             "steps": steps, "batch_size": batch_size, "mu": model.mu, "seed": seed},
                **{name: float(values[-1]) for name, values in history.items()}}
