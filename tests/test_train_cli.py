@@ -154,10 +154,21 @@ def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp
 @pytest.mark.parametrize("recipe, hparams", [("finetune", ""), ("fixmatch", "mu=2"), ("pseudo_label", "rounds=1"),
                                              ("noisy_student", "rounds=1")])
 def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams, data_dir, tmp_path):
+    import zoo
+
+    store = tmp_path / "zoo"
     result = _train([f"--recipe={recipe}", "--dataset=synthetic_shapes", "--width=0.125", "--batch_size=16",
                      "--epochs=1", "--steps_per_epoch=2", "--labels_per_class=5", "--verbose=0",
-                     f"--hparams={hparams}", f"--model_dir={tmp_path}"], _env(data_dir))
+                     f"--hparams={hparams}", f"--model_dir={tmp_path}", f"--publish_as={recipe}_shapes",
+                     f"--zoo_store={store}"], _env(data_dir))
     assert result.returncode == 0, result.stderr[-2000:]
+    # The published card says how the classifier behind the encoder was trained.
+    card = zoo.info(f"{recipe}_shapes", store=str(store))
+    assert card["recipe"] == recipe and card["recipe_config"]["label_count"] == 5 * 8
+    if recipe != "finetune":
+        assert card["recipe_config"]["threshold"] == (0.3 if recipe == "noisy_student" else 0.95)
+    if recipe in ("pseudo_label", "noisy_student"):
+        assert card["recipe_config"]["rounds"] == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["classifier"]["protocol"]["labelled"] == 5 * 8  # synthetic_shapes has 8 classes
     assert 0.0 <= metrics["classifier"]["accuracy"] <= 1.0
