@@ -51,6 +51,66 @@ class ImageNormalization(layers.Layer):
         return {**super().get_config(), "mean": self.mean, "std": self.std}
 
 
+@keras.saving.register_keras_serializable(package="ssl_zoo")
+class StochasticDepthAdd(layers.Layer):
+    """shortcut + branch, where training drops the whole branch per example with prob `rate`.
+
+    Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth"): a
+    residual block is skipped for some examples of each training batch; kept branches
+    are scaled by 1 / (1 - rate) so inference (the plain sum) needs no rescaling.
+    Noisy Student uses it as model noise. Expects inputs [shortcut, branch].
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"Stochastic depth rate must be in [0, 1), got {rate!r}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        shortcut, branch = inputs
+        if not training or self.rate == 0.0:
+            return shortcut + branch
+        rows = keras.ops.shape(branch)[:1]
+        keep = keras.random.uniform(rows, seed=self.seed_generator) >= self.rate
+        scale = keras.ops.cast(keep, branch.dtype) / (1.0 - self.rate)
+        return shortcut + branch * keras.ops.reshape(scale, (-1, 1, 1, 1))
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+def with_stochastic_depth(encoder: keras.Model, final_rate: float, seed: int = 0) -> keras.Model:
+    """A copy of `encoder` (same weights) whose residual blocks drop out during training.
+
+    Rates grow linearly with depth to `final_rate` at the last block (the "linear decay"
+    rule of Huang et al.; Noisy Student: survival 0.8 at the last block, i.e. 0.2).
+    Works on any encoder from `build` or the zoo; inference outputs are unchanged.
+    `final_rate=0` gives a plain copy (no custom layer), e.g. to publish.
+    """
+    adds = [layer.name for layer in encoder.layers if isinstance(layer, (layers.Add, StochasticDepthAdd))]
+    if not adds:
+        raise ValueError(f"{encoder.name} has no residual additions (keras.layers.Add) for stochastic depth; "
+                         "use an encoder from zoo.backbones, or turn stochastic depth off (rate 0).")
+    rates = {name: final_rate * (i + 1) / len(adds) for i, name in enumerate(adds)}
+
+    def clone(layer):
+        if layer.name in rates and final_rate > 0:
+            return StochasticDepthAdd(rates[layer.name], seed=seed + adds.index(layer.name), name=layer.name)
+        if layer.name in rates:  # final_rate 0: back to the plain sum, e.g. for export
+            return layers.Add(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    noisy = keras.models.clone_model(encoder, clone_function=clone)
+    noisy.set_weights(encoder.get_weights())
+    return noisy
+
+
 def _conv_bn(x, filters, kernel, strides, name, relu=True):
     x = layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)

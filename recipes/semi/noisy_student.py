@@ -13,11 +13,10 @@ teacher never had, and in a larger model it has the capacity to.
 
 Noise used here, as in the paper:
   * input noise: RandAugment (N=2, magnitude 27/30 = 0.9 by default; sec. 3.1);
-  * model noise: dropout (0.5 in the paper) on the features before the classifier.
-Stochastic depth (survival 0.8 for the last block) is *not* applied: it would need
-a change to `zoo.backbones` (drop-path inside every residual block), and the
-published encoders must not depend on recipe code. Dropout alone carries the
-model-noise part here.
+  * model noise: dropout (0.5 in the paper) on the features before the classifier,
+    and stochastic depth in the encoder's residual blocks (survival probability 0.8
+    at the last block, decaying linearly; `zoo.backbones.with_stochastic_depth`).
+    The published encoder is a plain copy: noise is a training-time device only.
 
 Data filtering and balancing (sec. 2): keep images whose top class probability is
 >= 0.3, then per class the K most confident, duplicating images of classes with
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 from recipes.base import register
 from recipes.semi.finetune import FineTune
+from zoo.backbones import with_stochastic_depth
 from recipes.semi.self_training import SelfTrainingMixin, run_self_training
 
 PAPER_STRONG_POLICY = {"num_ops": 2, "magnitude": 0.9, "cutout": 0.0}
@@ -47,6 +47,8 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
       augment: input noise, "strong" (RandAugment) by default.
       strong_policy: RandAugment settings (default: N=2, M=0.9, no Cutout).
       dropout: model noise before the classifier (0.5 in the paper).
+      stochastic_depth: drop rate of the last residual block (0.2 = the paper's
+        survival probability 0.8; earlier blocks less); 0 turns it off.
       rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
         init_from_teacher: as in `SelfTrainingMixin`; defaults are the paper's
         (threshold 0.3, soft labels, balancing when per_class is set, fresh student).
@@ -54,7 +56,10 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
 
     def __init__(self, encoder, num_classes, rounds=3, threshold=0.3, hard_labels=False, per_class=None,
                  fill_classes=True, unlabelled_weight=1.0, init_from_teacher=False, augment="strong",
-                 strong_policy=None, dropout=0.5, **kwargs):
+                 strong_policy=None, dropout=0.5, stochastic_depth=0.2, **kwargs):
+        self.stochastic_depth = float(stochastic_depth)
+        if self.stochastic_depth > 0:
+            encoder = with_stochastic_depth(encoder, self.stochastic_depth, seed=kwargs.get("seed", 0))
         super().__init__(encoder, num_classes, augment=augment, dropout=dropout,
                          strong_policy=PAPER_STRONG_POLICY if strong_policy is None else strong_policy,
                          **kwargs)
@@ -62,7 +67,12 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
                                  unlabelled_weight, init_from_teacher)
 
     def get_config(self):
-        return {**super().get_config(), **self.self_training_config()}
+        return {**super().get_config(), **self.self_training_config(), "stochastic_depth": self.stochastic_depth}
+
+    @property
+    def exported_encoder(self):
+        """The trained encoder without its stochastic-depth layers (same weights and outputs)."""
+        return with_stochastic_depth(self.encoder, 0.0) if self.stochastic_depth > 0 else self.encoder
 
 
 def run_noisy_student(encoder_fn, num_classes, labelled, unlabelled_images, test=None, *,
