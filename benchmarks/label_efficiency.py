@@ -1,0 +1,116 @@
+"""Few-label benchmark: how far do unlabelled images carry a classifier with 100 or 1% labels?
+
+    python benchmarks/label_efficiency.py --run_root=runs/label_efficiency \
+        --ssl_encoder=moco_resnet18_fmnist_45ep --zoo_store=/path/to/store
+
+Every row is one `python -m recipes.train` command (printed in the table), run on
+Fashion-MNIST with the same seeded labelled subset (10 per class = 100 labels, or 1%
+= 600 labels, stratified, seed 0) and the same encoder (resnet18_small, width 0.25).
+A run directory that already holds metrics.json is reused, so an interrupted
+benchmark continues where it stopped. Accuracy is the classifier's on the 10,000
+test images (FixMatch: its EMA model). Writes benchmarks/results/label_efficiency.json
+and .md.
+
+Budgets (per model): supervised-only, fine-tuning and every pseudo-labelling model
+train 1,000 steps of 64 labelled (+ pseudo-labelled) images; pseudo-label and Noisy
+Student add 3 rounds (a teacher then 3 students); FixMatch trains --fixmatch_steps
+steps of 64 labelled + 448 unlabelled images (weak + strong views). With
+--ssl_encoder, two more rows start from that published self-supervised encoder
+(fine-tune, FixMatch): it was pretrained on the same 60k training images, labels unused.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("run_root", "runs/label_efficiency", "One sub-directory per run; finished runs are reused.")
+flags.DEFINE_string("ssl_encoder", None, "Published self-supervised encoder for the fine-tune rows (skipped if unset).")
+flags.DEFINE_string("zoo_store", None, "Zoo store holding --ssl_encoder (default $ZOO_HOME or ~/.ssl_zoo).")
+flags.DEFINE_list("splits", ["100", "1pct"], "Labelled splits: 100 (10 per class) and/or 1pct (1%).")
+flags.DEFINE_list("fixmatch_steps", ["100:3000", "1pct:2000"], "FixMatch training steps per split (multiples of 50).")
+flags.DEFINE_list("fixmatch_scratch_splits", ["100", "1pct"], "Splits that also get FixMatch from a random init.")
+flags.DEFINE_integer("seed", 0, "Seed of the labelled split, weights and augmentations.")
+flags.DEFINE_string("out", "benchmarks/results/label_efficiency", "Output path without extension.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLIT_FLAGS = {"100": "--labels_per_class=10", "1pct": "--label_fraction=0.01"}
+COMMON = ["--dataset=fashion_mnist", "--backbone=resnet18_small", "--width=0.25", "--batch_size=64", "--verbose=2"]
+THOUSAND_STEPS = ["--epochs=10", "--steps_per_epoch=100"]
+
+
+def runs(split):
+    """(row name, run name, recipe.train flags) for one labelled split."""
+    label_flag = SPLIT_FLAGS[split]
+    steps = dict(item.split(":") for item in FLAGS.fixmatch_steps)[split]
+    fixmatch = ["--recipe=fixmatch", f"--epochs={int(steps) // 50}", "--steps_per_epoch=50"]
+    rows = [("supervised only", f"sup{split}", ["--recipe=finetune", *THOUSAND_STEPS]),
+            ("pseudo-label (3 rounds)", f"pl{split}", ["--recipe=pseudo_label", *THOUSAND_STEPS]),
+            ("Noisy Student (3 rounds)", f"ns{split}", ["--recipe=noisy_student", *THOUSAND_STEPS,
+                                                         "--hparams=per_class=3000"])]
+    if split in FLAGS.fixmatch_scratch_splits:
+        rows.append(("FixMatch", f"fixmatch{split}", fixmatch))
+    if FLAGS.ssl_encoder:
+        init = [f"--init_from={FLAGS.ssl_encoder}"] + ([f"--zoo_store={FLAGS.zoo_store}"] if FLAGS.zoo_store else [])
+        rows.append((f"SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
+        rows.append((f"SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
+    return [(row, name, [*COMMON, *flags_, label_flag, f"--seed={FLAGS.seed}"]) for row, name, flags_ in rows]
+
+
+def run_or_reuse(run_dir, args):
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(metrics_path):
+        command = [sys.executable, "-m", "recipes.train", *args, f"--model_dir={run_dir}"]
+        print(" ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    with open(os.path.join(run_dir, "run.json")) as f:
+        return metrics, json.load(f)
+
+
+def summarize(row, split, args, metrics, run):
+    result = {"method": row, "split": split, "labelled": metrics["classifier"]["protocol"]["labelled"],
+              "test_accuracy": metrics["classifier"]["accuracy"], "encoder_knn": metrics["knn"]["accuracy"],
+              "wall_time_s": run["wall_time_s"], "command": "python -m recipes.train " + " ".join(args)}
+    if "rounds" in metrics:
+        result["rounds"] = [{k: r.get(k) for k in ("round", "test_accuracy", "num_pseudo_labelled",
+                                                   "pseudo_label_accuracy")} for r in metrics["rounds"]]
+    return result
+
+
+def markdown(results):
+    lines = ["| labels | method | test accuracy | vs supervised only | training time |", "|---|---|---|---|---|"]
+    baseline = {r["split"]: r["test_accuracy"] for r in results if r["method"] == "supervised only"}
+    for r in results:
+        delta = r["test_accuracy"] - baseline[r["split"]] if r["split"] in baseline else float("nan")
+        lines.append(f"| {r['labelled']} | {r['method']} | {r['test_accuracy']:.4f} | {delta * 100:+.1f} | "
+                     f"{r['wall_time_s'] / 60:.1f} min |")
+    lines += ["", "Commands (each in its own `--model_dir`):", ""]
+    lines += [f"- {r['method']}, {r['labelled']} labels: `{r['command']}`" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    results = []
+    for split in FLAGS.splits:
+        for row, name, args in runs(split):
+            metrics, run = run_or_reuse(os.path.join(FLAGS.run_root, name), args)
+            results.append(summarize(row, split, args, metrics, run))
+            print(f"{row:32s} {split:5s} {results[-1]['test_accuracy']:.4f}", flush=True)
+    protocol = {"dataset": "fashion_mnist", "train_split": "train (labelled subset seeded, rest unlabelled)",
+                "test_split": "test (10,000)", "backbone": "resnet18_small", "width": 0.25, "seed": FLAGS.seed}
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out + ".json", "w") as f:
+        json.dump({"protocol": protocol, "results": results}, f, indent=2)
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    app.run(main)
