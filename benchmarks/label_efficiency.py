@@ -55,8 +55,8 @@ def runs(split):
         rows.append(("FixMatch", f"fixmatch{split}", fixmatch))
     if FLAGS.ssl_encoder:
         init = [f"--init_from={FLAGS.ssl_encoder}"] + ([f"--zoo_store={FLAGS.zoo_store}"] if FLAGS.zoo_store else [])
-        rows.append((f"SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
-        rows.append((f"SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
+        rows.append(("SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
+        rows.append(("SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
     return [(row, name, [*COMMON, *flags_, label_flag, f"--seed={FLAGS.seed}"]) for row, name, flags_ in rows]
 
 

@@ -97,12 +97,13 @@ def with_stochastic_depth(encoder: keras.Model, final_rate: float, seed: int = 0
     if not adds:
         raise ValueError(f"{encoder.name} has no residual additions (keras.layers.Add) for stochastic depth; "
                          "use an encoder from zoo.backbones, or turn stochastic depth off (rate 0).")
-    rates = {name: final_rate * (i + 1) / len(adds) for i, name in enumerate(adds)}
+    depth = {name: i + 1 for i, name in enumerate(adds)}  # 1 = first block
 
     def clone(layer):
-        if layer.name in rates and final_rate > 0:
-            return StochasticDepthAdd(rates[layer.name], seed=seed + adds.index(layer.name), name=layer.name)
-        if layer.name in rates:  # final_rate 0: back to the plain sum, e.g. for export
+        if layer.name in depth and final_rate > 0:
+            rate = final_rate * depth[layer.name] / len(adds)
+            return StochasticDepthAdd(rate, seed=seed + depth[layer.name] - 1, name=layer.name)
+        if layer.name in depth:  # final_rate 0: back to the plain sum, e.g. for export
             return layers.Add(name=layer.name)
         return layer.__class__.from_config(layer.get_config())
 

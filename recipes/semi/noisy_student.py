@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from recipes.base import register
 from recipes.semi.finetune import FineTune
-from zoo.backbones import with_stochastic_depth
 from recipes.semi.self_training import SelfTrainingMixin, run_self_training
+from zoo.backbones import with_stochastic_depth
 
 PAPER_STRONG_POLICY = {"num_ops": 2, "magnitude": 0.9, "cutout": 0.0}
 
