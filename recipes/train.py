@@ -184,29 +184,6 @@ def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
     return recipe_cls(encoder, seed=seed, **extra, **hparams)
 
 
-class EpochCheckpoint:
-    """Saves model + optimizer + epoch at every epoch end; restores the latest at start."""
-
-    def __init__(self, recipe, directory, write=True):
-        import tensorflow as tf
-
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(model=recipe, optimizer=recipe.optimizer, epoch=self.epoch)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=2)
-        self.write = write
-
-    def restore(self) -> int:
-        latest = self.manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            print(f"Resuming from {latest} (epoch {int(self.epoch.numpy())} done).")
-        return int(self.epoch.numpy())
-
-    def save(self, epoch: int):
-        self.epoch.assign(epoch)
-        self.manager.save(checkpoint_number=epoch)
-
-
 def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
     import keras
     import numpy as np
@@ -272,7 +249,7 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics):
 
 
 def train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, steps, train, test) -> dict:
-    """finetune / fixmatch / pseudo_label / noisy_student (no epoch checkpoints on this path)."""
+    """finetune / fixmatch / pseudo_label / noisy_student; checkpoints/ makes them resumable (see semi.cli)."""
     from recipes import evaluate
     from recipes.semi.cli import train_with_labels
 
@@ -280,7 +257,8 @@ def train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, steps, 
     model, encoder, metrics = train_with_labels(
         FLAGS.recipe, new_encoder, train, test, labels_per_class=FLAGS.labels_per_class,
         label_fraction=FLAGS.label_fraction, epochs=FLAGS.epochs, steps_per_epoch=steps,
-        batch_size=FLAGS.batch_size, strategy=strategy, seed=FLAGS.seed, hparams=hparams, verbose=FLAGS.verbose)
+        batch_size=FLAGS.batch_size, strategy=strategy, seed=FLAGS.seed, hparams=hparams, verbose=FLAGS.verbose,
+        checkpoint_dir=os.path.join(model_dir, "checkpoints"))
     wall = time.time() - started
     protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
                 "seed": FLAGS.seed}
@@ -303,6 +281,7 @@ def train(argv=None) -> dict:
     import recipes
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
+    from recipes.checkpointing import EpochCheckpoint
     from recipes.semi.cli import LABEL_RECIPES
     from zoo import backbones
 

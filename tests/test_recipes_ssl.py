@@ -204,7 +204,9 @@ def test_dino_one_vs_two_replicas_centre_teacher_and_learning():
         state_fn=lambda r: [r.center.value] + [w.value for w in r.teacher_head.trainable_weights] + _trainables(r),
         atol=1e-4)
     assert recipe.local_crop_size == 8 and np.abs(recipe.center.numpy()).max() > 0
-    _loss_drops_on_fixed_views(recipe, batch)
+    # The student learns toward fixed targets only when teacher and centre hold still
+    # (momentum 1); with them moving, the loss on fixed views need not fall in 4 steps.
+    _loss_drops_on_fixed_views(_dino(momentum_base=1.0, center_momentum=1.0)(), batch)
 
 
 def test_dino_schedules_and_weight_normalized_prototypes():

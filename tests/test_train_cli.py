@@ -176,6 +176,8 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     if recipe in ("pseudo_label", "noisy_student"):
         assert [r["round"] for r in metrics["rounds"]] == [0, 1]
     assert (tmp_path / "encoder.keras").exists()
+    if recipe != "finetune":  # the long ones keep what they trained (resume: tests/test_semi_resume.py)
+        assert any((tmp_path / "checkpoints").iterdir())
 
 
 def test_label_recipe_without_a_labelled_split_says_which_flag(data_dir, tmp_path):

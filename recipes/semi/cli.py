@@ -22,8 +22,14 @@ def labelled_split(train_labels, labels_per_class=None, label_fraction=None, see
 
 
 def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None, label_fraction=None, epochs=10,
-                      steps_per_epoch=None, batch_size=64, strategy=None, seed=0, hparams=None, verbose=0):
-    """Runs one label-using recipe; returns (model, exported encoder, metrics)."""
+                      steps_per_epoch=None, batch_size=64, strategy=None, seed=0, hparams=None, verbose=0,
+                      checkpoint_dir=None):
+    """Runs one label-using recipe; returns (model, exported encoder, metrics).
+
+    `checkpoint_dir` makes the long ones resumable: FixMatch per logged epoch,
+    Pseudo-Label and Noisy Student per finished round (fine-tuning is short and
+    restarts).
+    """
     from recipes.semi.finetune import run_finetune
     from recipes.semi.fixmatch import run_fixmatch
     from recipes.semi.noisy_student import run_noisy_student
@@ -46,12 +52,14 @@ def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None,
         # As in the paper, the whole training split (labels dropped) is the unlabelled pool.
         model, metrics = run_fixmatch(encoder_fn(), num_classes, labelled, train_x, (test_x, test_y), steps=steps,
                                       log_every=steps // epochs,
-                                      batch_size=batch_size, heldout_unlabelled_labels=train_y, **common, **hparams)
+                                      batch_size=batch_size, heldout_unlabelled_labels=train_y,
+                                      checkpoint_dir=checkpoint_dir, **common, **hparams)
     elif recipe in ("pseudo_label", "noisy_student"):
         run = run_pseudo_label if recipe == "pseudo_label" else run_noisy_student
         model, rounds = run(encoder_fn, num_classes, labelled, train_x[unlabelled_idx], (test_x, test_y),
                             epochs=epochs, steps=steps, batch_size=batch_size,
-                            heldout_unlabelled_labels=train_y[unlabelled_idx], **common, **hparams)
+                            heldout_unlabelled_labels=train_y[unlabelled_idx], checkpoint_dir=checkpoint_dir,
+                            **common, **hparams)
         metrics = {"rounds": rounds, "test_accuracy": rounds[-1].get("test_accuracy")}
     else:
         raise ValueError(f"{recipe!r} is not a label-using recipe ({', '.join(LABEL_RECIPES)}).")

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from recipes import distribute
 from recipes.base import Recipe, register
+from recipes.checkpointing import EpochCheckpoint, SaveEveryEpoch
 from recipes.semi.losses import fixmatch_unlabelled_loss, sparse_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
@@ -239,11 +240,14 @@ def paper_optimizer(total_steps, learning_rate=0.03, weight_decay=5e-4):
 
 def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *, steps=1000, batch_size=64,
                  log_every=None, optimizer=None, strategy=None, seed=0, verbose=0, heldout_unlabelled_labels=None,
-                 **hyperparameters):
+                 checkpoint_dir=None, **hyperparameters):
     """Trains FixMatch from arrays for `steps` steps; returns (model, metrics dict).
 
     `log_every` steps (a divisor of `steps`; default all of them) make one Keras
     epoch, i.e. one line of progress. Test accuracy is the EMA model's.
+    With `checkpoint_dir`, every epoch is checkpointed (weights, EMA weights,
+    optimizer) and a rerun resumes after the last one, skipping the batches already
+    seen, so it ends where an uninterrupted run would.
     """
     log_every = int(log_every or steps)
     if steps % log_every:
@@ -253,12 +257,19 @@ def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *
         model = FixMatch(encoder, num_classes, seed=seed,
                          label_count=hyperparameters.pop("label_count", int(len(labelled[1]))), **hyperparameters)
         model.compile(optimizer=optimizer or paper_optimizer(steps))
+        checkpoint, done_epochs = None, 0
+        if checkpoint_dir:
+            model.optimizer.build(model.optimized_variables)
+            checkpoint = EpochCheckpoint(model, checkpoint_dir)
+            done_epochs = checkpoint.restore()
     ds = fixmatch_dataset(labelled[0], labelled[1], unlabelled_images, batch_size, model.mu, seed,
                           unlabelled_labels=heldout_unlabelled_labels)
-    history = model.fit(ds, epochs=steps // log_every, steps_per_epoch=log_every, verbose=verbose).history
+    history = model.fit(ds.skip(done_epochs * log_every), epochs=steps // log_every, initial_epoch=done_epochs,
+                        steps_per_epoch=log_every, callbacks=[SaveEveryEpoch(checkpoint)] if checkpoint else [],
+                        verbose=verbose).history
     metrics = {"protocol": {"labelled": int(len(labelled[1])), "unlabelled": int(len(unlabelled_images)),
                             "steps": steps, "batch_size": batch_size, "mu": model.mu, "seed": seed},
-               **{name: float(values[-1]) for name, values in history.items()}}
+               **{name: float(values[-1]) for name, values in history.items() if values}}
     if test is not None:
         metrics["test_accuracy"] = model.accuracy(*test)
     return model, metrics

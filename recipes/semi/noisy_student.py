@@ -77,7 +77,8 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
 
 def run_noisy_student(encoder_fn, num_classes, labelled, unlabelled_images, test=None, *,
                       student_encoder_fn=None, epochs=20, steps=None, batch_size=64, heldout_unlabelled_labels=None,
-                      teacher=None, optimizer_fn=None, strategy=None, seed=0, verbose=0, **hyperparameters):
+                      teacher=None, optimizer_fn=None, strategy=None, seed=0, verbose=0, checkpoint_dir=None,
+                      **hyperparameters):
     """Noisy Student from the arrays; see `run_self_training`.
 
     Args:
@@ -98,4 +99,4 @@ def run_noisy_student(encoder_fn, num_classes, labelled, unlabelled_images, test
     return run_self_training(make_model, labelled, unlabelled_images, test, epochs=epochs, steps=steps,
                              batch_size=batch_size, heldout_unlabelled_labels=heldout_unlabelled_labels,
                              teacher=teacher, optimizer_fn=optimizer_fn, strategy=strategy, seed=seed,
-                             verbose=verbose)
+                             verbose=verbose, checkpoint_dir=checkpoint_dir)

@@ -53,7 +53,7 @@ class PseudoLabel(SelfTrainingMixin, FineTune):
 
 def run_pseudo_label(encoder_fn, num_classes, labelled, unlabelled_images, test=None, *, epochs=20, steps=None,
                      batch_size=64, heldout_unlabelled_labels=None, teacher=None, optimizer_fn=None,
-                     strategy=None, seed=0, verbose=0, **hyperparameters):
+                     strategy=None, seed=0, verbose=0, checkpoint_dir=None, **hyperparameters):
     """Pseudo-Label self-training from the arrays; see `run_self_training`.
 
     Args:
@@ -73,4 +73,4 @@ def run_pseudo_label(encoder_fn, num_classes, labelled, unlabelled_images, test=
     return run_self_training(make_model, labelled, unlabelled_images, test, epochs=epochs, steps=steps,
                              batch_size=batch_size, heldout_unlabelled_labels=heldout_unlabelled_labels,
                              teacher=teacher, optimizer_fn=optimizer_fn, strategy=strategy, seed=seed,
-                             verbose=verbose)
+                             verbose=verbose, checkpoint_dir=checkpoint_dir)

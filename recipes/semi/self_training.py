@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from recipes.checkpointing import RoundCheckpoint
 from recipes.semi.finetune import default_optimizer, fit_classifier
 from recipes.semi.losses import select_pseudo_labels
 
@@ -79,7 +80,7 @@ def _copy_weights(teacher, student):
 
 def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epochs=20, batch_size=64,
                       steps=None, heldout_unlabelled_labels=None, teacher=None, optimizer_fn=None, strategy=None,
-                      seed=0, verbose=0):
+                      seed=0, verbose=0, checkpoint_dir=None):
     """Trains a teacher on the labels, then `rounds` teacher -> student rounds.
 
     Args:
@@ -97,6 +98,10 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
       teacher: a trained classifier (e.g. from `run_finetune`) to skip round 0.
       optimizer_fn: `() -> keras optimizer`, one per model (default: SGD + Nesterov).
       strategy: tf.distribute strategy to build and train under (default: current).
+      checkpoint_dir: if given, every finished round's weights and metrics are
+        saved there, and a rerun continues after the last finished round (its
+        model becomes the teacher). Models of the remaining rounds draw their
+        initial weights afresh, so they need not equal an uninterrupted run's.
 
     Returns:
       (final student, list of per-round metric dicts; round 0 is the teacher).
@@ -120,17 +125,24 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
             row["test_accuracy"] = model.accuracy(*test, batch_size=batch_size * 4)
         return row
 
-    metrics = []
-    if teacher is None:
-        teacher = build(0)
-        history = fit_classifier(teacher, images_l, labels=labels_l, epochs=epochs, batch_size=batch_size,
-                                 steps=steps, seed=seed, verbose=verbose)
-        metrics.append(evaluate(teacher, 0, train_loss=float(history["loss"][-1])))
+    checkpoint = RoundCheckpoint(checkpoint_dir) if checkpoint_dir else None
+    metrics = checkpoint.finished_rows() if checkpoint else []
+    if metrics:  # resuming: the last finished round's model is the teacher
+        teacher = build(len(metrics) - 1)
+        checkpoint.restore(teacher, len(metrics) - 1)
     else:
-        metrics.append(evaluate(teacher, 0))
+        if teacher is None:
+            teacher = build(0)
+            history = fit_classifier(teacher, images_l, labels=labels_l, epochs=epochs, batch_size=batch_size,
+                                     steps=steps, seed=seed, verbose=verbose)
+            metrics.append(evaluate(teacher, 0, train_loss=float(history["loss"][-1])))
+        else:
+            metrics.append(evaluate(teacher, 0))
+        if checkpoint:
+            checkpoint.save(teacher, metrics)
 
     student = build(1)  # its hyperparameters (rounds, threshold, ...) drive the loop
-    for round_index in range(1, student.rounds + 1):
+    for round_index in range(len(metrics), student.rounds + 1):
         if round_index > 1:
             student = build(round_index)
         probabilities = teacher.predict_proba(unlabelled_images, batch_size=batch_size * 4)
@@ -156,5 +168,7 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         history = fit_classifier(student, images, weights=weights, epochs=epochs, batch_size=batch_size,
                                  steps=steps, seed=seed + round_index, verbose=verbose, **target_args)
         metrics.append(evaluate(student, round_index, train_loss=float(history["loss"][-1]), **row))
+        if checkpoint:
+            checkpoint.save(student, metrics)
         teacher = student
     return teacher, metrics

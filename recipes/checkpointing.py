@@ -1,0 +1,89 @@
+"""Checkpoints that make every training run resumable: kill it, rerun it, lose nothing.
+
+Two granularities, one per kind of run:
+  * `EpochCheckpoint`: model + optimizer + epoch counter, saved at every epoch end
+    (pretraining recipes, FixMatch). Restoring puts the optimizer's step counter
+    back too, so learning-rate schedules and the stateless augmentation seeds
+    (functions of the step) continue where they stopped.
+  * `RoundCheckpoint`: the weights and metrics of each finished self-training round
+    (Pseudo-Label, Noisy Student): a rerun rebuilds the last finished round's model
+    as the teacher and continues with the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+
+class EpochCheckpoint:
+    """Saves model + optimizer + epoch at every epoch end; restores the latest at start.
+
+    The model's and optimizer's variables must exist before `restore` (build the
+    optimizer first), so every value is restored at once rather than deferred.
+    """
+
+    def __init__(self, model, directory, max_to_keep=2):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+
+    def restore(self) -> int:
+        """Loads the latest checkpoint, if any; returns the number of finished epochs."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            print(f"Resuming from {latest} (epoch {int(self.epoch.numpy())} done).", flush=True)
+        return int(self.epoch.numpy())
+
+    def save(self, epoch: int):
+        self.epoch.assign(epoch)
+        self.manager.save(checkpoint_number=epoch)
+
+
+class SaveEveryEpoch(keras.callbacks.Callback):
+    """Keras callback: `checkpoint.save(epoch)` after every finished epoch."""
+
+    def __init__(self, checkpoint: EpochCheckpoint):
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.checkpoint.save(epoch + 1)
+
+
+class RoundCheckpoint:
+    """Per-round model weights (`round_<r>`; no optimizer state: each round starts a
+    fresh one) and the metric rows of all finished rounds (`rounds.json`)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.rows_path = os.path.join(directory, "rounds.json")
+
+    def finished_rows(self) -> list:
+        """Metric rows of the rounds already finished, in order (empty on a fresh run)."""
+        if not os.path.exists(self.rows_path):
+            return []
+        with open(self.rows_path) as f:
+            return json.load(f)
+
+    def save(self, model, rows):
+        """Writes round `len(rows) - 1`'s weights, then the rows (so rows never name missing weights)."""
+        os.makedirs(self.directory, exist_ok=True)
+        tf.train.Checkpoint(weights=list(model.weights)).write(self._weights_path(len(rows) - 1))
+        temporary = self.rows_path + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(temporary, self.rows_path)
+
+    def restore(self, model, round_index):
+        """Loads round `round_index`'s weights into `model` (built like that round's)."""
+        path = self._weights_path(round_index)
+        tf.train.Checkpoint(weights=list(model.weights)).read(path).assert_consumed()
+        print(f"Resuming after self-training round {round_index} ({path}).", flush=True)
+
+    def _weights_path(self, round_index):
+        return os.path.join(self.directory, f"round_{round_index}")
