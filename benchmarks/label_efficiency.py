@@ -15,8 +15,10 @@ Budgets (per model): supervised-only, fine-tuning and every pseudo-labelling mod
 train 1,000 steps of 64 labelled (+ pseudo-labelled) images; pseudo-label and Noisy
 Student add 3 rounds (a teacher then 3 students); FixMatch trains --fixmatch_steps
 steps of 64 labelled + 448 unlabelled images (weak + strong views). With
---ssl_encoder, two more rows start from that published self-supervised encoder
-(fine-tune, FixMatch): it was pretrained on the same 60k training images, labels unused.
+--ssl_encoder, four more rows start from that published self-supervised encoder
+(fine-tune, pseudo-label, Noisy Student, FixMatch; for the two self-training methods
+the teacher and every student are built from it): it was pretrained on the same 60k
+training images, labels unused.
 """
 
 import json
@@ -56,6 +58,9 @@ def runs(split):
     if FLAGS.ssl_encoder:
         init = [f"--init_from={FLAGS.ssl_encoder}"] + ([f"--zoo_store={FLAGS.zoo_store}"] if FLAGS.zoo_store else [])
         rows.append(("SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
+        rows.append(("SSL encoder + pseudo-label", f"pl_ssl{split}", ["--recipe=pseudo_label", *THOUSAND_STEPS, *init]))
+        rows.append(("SSL encoder + Noisy Student", f"ns_ssl{split}", ["--recipe=noisy_student", *THOUSAND_STEPS,
+                                                                        "--hparams=per_class=3000", *init]))
         rows.append(("SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
     return [(row, name, [*COMMON, *flags_, label_flag, f"--seed={FLAGS.seed}"]) for row, name, flags_ in rows]
 

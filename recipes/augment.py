@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import keras
 import tensorflow as tf
 
 from recipes.distribute import replica_slice
@@ -135,7 +136,8 @@ def gaussian_blur(x, draws: GlobalDraws, p: float):
     batch, height, width, channels = x.shape
     size = max(3, (int(0.1 * min(height, width)) // 2) * 2 + 1)
     sigma = draws.uniform(0.1, 2.0)
-    offsets = tf.range(size, dtype=tf.float32) - (size - 1) / 2
+    offsets = tf.range(size, dtype=x.dtype) - (size - 1) / 2
+    sigma = tf.cast(sigma, x.dtype)
     kernel = tf.exp(-tf.square(offsets)[None, :] / (2.0 * tf.square(sigma)[:, None]))
     kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)  # [B, size]
     # Put images into channels so each image gets its own kernel in one depthwise conv.
@@ -161,14 +163,14 @@ def random_view(images, seed, policy: ViewPolicy, global_batch: int, output_size
         (DINO's local views) resizes its crops to a smaller side.
 
     Returns:
-      [B, height, width, C] float32 in [0, 255].
+      [B, height, width, C] in [0, 255], of Keras' float type (`keras.config.floatx()`).
     """
     local_batch, height, width, channels = images.shape
     if output_size is not None:
         height, width = (int(d) for d in output_size)
     local_batch = local_batch or tf.shape(images)[0]
     draws = GlobalDraws(seed, global_batch, local_batch)
-    x = tf.cast(images, tf.float32) / 255.0
+    x = tf.cast(images, keras.config.floatx()) / 255.0
     boxes = crop_boxes(draws, policy.crop_scale, policy.crop_ratio, policy.flip)
     x = tf.image.crop_and_resize(x, boxes, tf.range(tf.shape(x)[0]), (height, width))
     if policy.jitter_p > 0:

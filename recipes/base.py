@@ -120,7 +120,8 @@ class Recipe(keras.Model):
                 # Only parameters: the target's BN statistics come from its own forward passes.
                 if w_online.trainable:
                     targets.append(w_target)
-                    values.append(momentum * w_target.value + (1.0 - momentum) * w_online.value)
+                    m = tf.cast(momentum, w_target.dtype)
+                    values.append(m * w_target.value + (1.0 - m) * w_online.value)
         distribute.assign_synced(targets, values)
 
     # ---- what the optimizer updates -----------------------------------------
@@ -211,7 +212,7 @@ class FeatureQueue(keras.layers.Layer):
         super().__init__(**kwargs)
         self.size, self.dim = size, dim
         initial = tf.math.l2_normalize(tf.random.stateless_normal((size, dim), [seed, 1]), axis=1)
-        self.keys = self.add_weight(shape=(size, dim), initializer=lambda *a, **k: initial,
+        self.keys = self.add_weight(shape=(size, dim), initializer=lambda shape, dtype=None: tf.cast(initial, dtype),
                                     trainable=False, name="keys")
         self.pointer = self.add_weight(shape=(), initializer="zeros", dtype="int32",
                                        trainable=False, name="pointer")

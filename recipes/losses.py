@@ -83,7 +83,7 @@ def nt_xent(z_1, z_2, temperature, all_z_1=None, all_z_2=None, offset=0):
     positive_index = tf.concat([rows + global_rows, rows], axis=0)
     logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature
     # An anchor is not its own negative: mask its similarity with itself out of the softmax.
-    self_mask = tf.one_hot(self_index, tf.shape(candidates)[0], on_value=-1e9, off_value=0.0)
+    self_mask = tf.one_hot(self_index, tf.shape(candidates)[0], on_value=-1e9, off_value=0.0, dtype=logits.dtype)
     return cross_entropy_with_index(logits + self_mask, positive_index)
 
 
@@ -128,7 +128,7 @@ def instance_nce(positive_similarity, noise_similarity, temperature, log_normali
       [B] per-example NCE losses.
     """
     num_noise = noise_similarity.shape[-1] or tf.shape(noise_similarity)[-1]
-    log_noise = tf.math.log(tf.cast(num_noise, tf.float32) / float(dataset_size))  # log(m P_n)
+    log_noise = tf.math.log(tf.cast(num_noise, positive_similarity.dtype) / float(dataset_size))  # log(m P_n)
     log_p_positive = positive_similarity / temperature - log_normalizer
     log_p_noise = noise_similarity / temperature - log_normalizer
     return tf.nn.softplus(log_noise - log_p_positive) + tf.reduce_sum(
@@ -190,7 +190,7 @@ def barlow_twins_loss(z_1, z_2, lambda_offdiag=5e-3):
     Returns:
       A scalar.
     """
-    batch = tf.cast(tf.shape(z_1)[0], tf.float32)
+    batch = tf.cast(tf.shape(z_1)[0], z_1.dtype)
     correlation = tf.matmul(batch_standardize(z_1), batch_standardize(z_2), transpose_a=True) / batch
     diagonal = tf.linalg.diag_part(correlation)
     on_diagonal = tf.reduce_sum(tf.square(1.0 - diagonal))
@@ -221,7 +221,8 @@ def dino_loss(student_logits, teacher_logits, center, student_temperature, teach
     total, pairs = 0.0, 0
     student_log_probs = [tf.nn.log_softmax(s / student_temperature, axis=-1) for s in student_logits]
     for t, teacher in enumerate(teacher_logits):
-        target = tf.stop_gradient(tf.nn.softmax((teacher - center) / teacher_temperature, axis=-1))
+        target = tf.stop_gradient(tf.nn.softmax((teacher - center) / tf.cast(teacher_temperature, teacher.dtype),
+                                                axis=-1))
         for s, log_probs in enumerate(student_log_probs):
             if s == t:  # the same view: nothing to learn from predicting yourself
                 continue

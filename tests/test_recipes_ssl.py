@@ -17,7 +17,7 @@ from recipes.contrastive.npid import NPIDRecipe
 from recipes.distillation.byol import cosine_momentum
 from recipes.distillation.dino import teacher_temperature
 from recipes.heads import WeightNormDense
-from tests.distributed_utils import compare_one_vs_two_replicas
+from tests.distributed_utils import compare_one_vs_two_replicas, float64
 from zoo import backbones
 
 SHAPE = (16, 16, 1)
@@ -66,20 +66,19 @@ def _trainables(recipe, count=3):
     return [w.value for w in weights[:count]] + [w.value for w in weights[-2:]]
 
 
-# Gradients of the stem sum over every pixel and row; float32 summation order differs
-# between one device and two, so relative differences reach ~1e-4 for SimCLR and
-# Barlow Twins. BYOL's BN heads normalize groups of 8 rows whose variances are tiny at
-# initialization (target = online), which amplifies that round-off to ~4e-3 absolute
-# in the stem. A missing gather or a wrong batch scaling shows up as O(1) errors.
-BN_HEAD_TOLERANCE = dict(atol=1e-4, rtol=1e-3)
-BYOL_TOLERANCE = dict(atol=5e-3, rtol=2e-2)
+@pytest.fixture(autouse=True)
+def _in_float64():
+    """Every model here is built and trained in float64 (see `distributed_utils.float64`):
+    1 and 2 replicas then agree to 1e-9, where float32 round-off could reach 1e-2."""
+    with float64():
+        yield
 
 
 # ---- SimCLR ---------------------------------------------------------------------------
 def test_simclr_one_vs_two_replicas_and_learning():
     batch = {"image": _images(16)}
     recipe, _ = compare_one_vs_two_replicas(_maker("simclr", hidden_dim=32, projection_dim=16), batch,
-                                            state_fn=_trainables, **BN_HEAD_TOLERANCE)
+                                            state_fn=_trainables)
     assert recipe.get_config()["temperature"] == 0.5
     _loss_drops_on_fixed_views(recipe, batch)
 
@@ -94,7 +93,7 @@ def test_npid_one_vs_two_replicas_gathers_bank_updates():
     batch = {"image": _images(16), "index": index}
     recipe, _ = compare_one_vs_two_replicas(
         _npid(loss="nce", num_negatives=8), batch,
-        state_fn=lambda r: [r.memory_bank.value, r.log_normalizer.value] + _trainables(r), atol=1e-4)
+        state_fn=lambda r: [r.memory_bank.value, r.log_normalizer.value] + _trainables(r))
     assert float(recipe.log_normalizer.numpy()) != 0.0  # Z estimated on the first step
     assert NPIDRecipe.needs_index
 
@@ -102,7 +101,7 @@ def test_npid_one_vs_two_replicas_gathers_bank_updates():
 def test_npid_bank_update_is_proximal_and_normalized():
     recipe = _npid()()
     before = recipe.memory_bank.numpy().copy()
-    features = tf.math.l2_normalize(tf.random.stateless_normal((3, 16), [0, 1]), axis=1)
+    features = tf.math.l2_normalize(tf.random.stateless_normal((3, 16), [0, 1], dtype=recipe.memory_bank.dtype), axis=1)
     index = tf.constant([5, 0, 39])
     recipe.after_update(None, {"features": features, "index": index, "log_z": None})
     after = recipe.memory_bank.numpy()
@@ -131,8 +130,9 @@ def _cpc():
 
 def test_cpc_one_vs_two_replicas_and_learning():
     batch = {"image": _images(8)}
-    # Stem gradients sum over every patch (|g| ~ 30): float32 order differences reach ~5e-4.
-    recipe, _ = compare_one_vs_two_replicas(_cpc(), batch, state_fn=_trainables, atol=1e-4, rtol=1e-3)
+    # CPC agrees to ~2e-5 relative in float64, not to round-off like the others (the
+    # stem gradients, |g| ~ 20): a difference we have not traced yet (README, Known limits).
+    recipe, _ = compare_one_vs_two_replicas(_cpc(), batch, state_fn=_trainables, rtol=2e-4, atol=1e-4)
     _loss_drops_on_fixed_views(recipe, batch, learning_rate=0.001)  # large patch-sum gradients
 
 
@@ -167,8 +167,7 @@ def test_byol_one_vs_two_replicas_target_ema_and_learning():
     batch = {"image": _images(16)}
     recipe, _ = compare_one_vs_two_replicas(
         _maker("byol", hidden_dim=32, projection_dim=16, total_steps=100), batch,
-        state_fn=lambda r: [w.value for w in r.target_projector.trainable_weights] + _trainables(r),
-        **BYOL_TOLERANCE)
+        state_fn=lambda r: [w.value for w in r.target_projector.trainable_weights] + _trainables(r))
     # The target is not trained by the optimizer and holds the same weights as the online net's EMA.
     target_ids = {id(v) for v in recipe.target_encoder.weights}
     assert not any(id(v) in target_ids for v in recipe.optimized_variables)
@@ -186,7 +185,7 @@ def test_barlow_twins_one_vs_two_replicas_global_correlation_and_learning():
     batch = {"image": _images(16)}
     recipe, _ = compare_one_vs_two_replicas(
         _maker("barlow_twins", hidden_dim=32, projection_dim=16, lambda_offdiag=0.05), batch,
-        state_fn=_trainables, **BN_HEAD_TOLERANCE)
+        state_fn=_trainables)
     # The loss sums D^2 correlation terms: its gradients are large, so smaller steps.
     _loss_drops_on_fixed_views(recipe, batch, learning_rate=0.002)
 
@@ -201,8 +200,7 @@ def test_dino_one_vs_two_replicas_centre_teacher_and_learning():
     batch = {"image": _images(16)}
     recipe, _ = compare_one_vs_two_replicas(
         _dino(), batch,
-        state_fn=lambda r: [r.center.value] + [w.value for w in r.teacher_head.trainable_weights] + _trainables(r),
-        atol=1e-4)
+        state_fn=lambda r: [r.center.value] + [w.value for w in r.teacher_head.trainable_weights] + _trainables(r))
     assert recipe.local_crop_size == 8 and np.abs(recipe.center.numpy()).max() > 0
     # The student learns toward fixed targets only when teacher and centre hold still
     # (momentum 1); with them moving, the loss on fixed views need not fall in 4 steps.

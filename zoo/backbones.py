@@ -30,7 +30,7 @@ BACKBONES = ("resnet18", "resnet50", "resnet18_small", "resnet50_small")
 
 @keras.saving.register_keras_serializable(package="ssl_zoo")
 class ImageNormalization(layers.Layer):
-    """Maps [0, 255] pixels to (x / 255 - mean) / std per channel, as float32.
+    """Maps [0, 255] pixels to (x / 255 - mean) / std per channel, in the layer's dtype.
 
     Living inside the encoder, it travels with every exported artifact, so callers
     always send raw pixel values.
@@ -42,9 +42,10 @@ class ImageNormalization(layers.Layer):
         self.std = std
 
     def call(self, images):
-        x = keras.ops.cast(images, "float32") / 255.0
-        return (x - keras.ops.convert_to_tensor(self.mean, "float32")) / keras.ops.convert_to_tensor(
-            self.std, "float32"
+        dtype = self.compute_dtype
+        x = keras.ops.cast(images, dtype) / 255.0
+        return (x - keras.ops.convert_to_tensor(self.mean, dtype)) / keras.ops.convert_to_tensor(
+            self.std, dtype
         )
 
     def get_config(self):

@@ -161,7 +161,7 @@ class CPC(Recipe):
         """[b, G, G, D] latents of independently augmented patches."""
         local_batch, channels = images.shape[0], images.shape[-1]
         size, stride = self.patch_size, self.patch_stride
-        patches = tf.image.extract_patches(tf.cast(images, tf.float32), [1, size, size, 1],
+        patches = tf.image.extract_patches(tf.cast(images, keras.config.floatx()), [1, size, size, 1],
                                            [1, stride, stride, 1], [1, 1, 1, 1], "VALID")
         per_image = self.rows * self.cols
         patches = tf.reshape(patches, [local_batch * per_image, size, size, channels])

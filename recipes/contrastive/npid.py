@@ -27,6 +27,8 @@ shared by the batch (one matmul instead of a [B, m, D] gather, same estimator in
 expectation). Noise indices are drawn statelessly per step, equal on every replica.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -77,7 +79,8 @@ class NPIDRecipe(Recipe):
         self.head.build((None, encoder.output_shape[-1]))
         initial = l2_normalize(tf.random.stateless_normal((self.dataset_size, self.feature_dim), [self.seed, 7]))
         self.memory_bank = self.add_weight(shape=(self.dataset_size, self.feature_dim), trainable=False,
-                                           initializer=lambda *a, **k: initial, name="memory_bank")
+                                           initializer=lambda shape, dtype=None: tf.cast(initial, dtype),
+                                           name="memory_bank")
         # log Z of the NCE estimator; 0 = not estimated yet.
         self.log_normalizer = self.add_weight(shape=(), initializer="zeros", trainable=False, name="log_normalizer")
 
@@ -106,8 +109,8 @@ class NPIDRecipe(Recipe):
         # Z ~ n * E_j[exp(v_j . v / T)], estimated on the first batch (over the global
         # batch, so every replica fixes the same constant) and then held fixed.
         local_mean = tf.reduce_mean(tf.exp(tf.stop_gradient(noise) / self.temperature))
-        estimate = tf.math.log(distribute.all_gather(local_mean[None])) + tf.math.log(float(self.dataset_size))
-        estimate = tf.reduce_logsumexp(estimate) - tf.math.log(float(self.num_replicas))
+        estimate = tf.math.log(distribute.all_gather(local_mean[None])) + math.log(self.dataset_size)
+        estimate = tf.reduce_logsumexp(estimate) - math.log(self.num_replicas)
         log_z = tf.where(tf.equal(self.log_normalizer.value, 0.0), estimate, self.log_normalizer.value)
         return instance_nce(positives, noise, self.temperature, log_z, self.dataset_size), log_z
 

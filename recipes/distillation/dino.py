@@ -156,8 +156,9 @@ class DINO(Recipe):
         loss, gradients, state = super().loss_and_gradients(data)
         if self.freeze_last_layer_steps > 0:
             frozen = {id(v) for v in self.head.layers[-1].trainable_variables}
-            keep = tf.cast(self.optimizer.iterations >= self.freeze_last_layer_steps, tf.float32)
-            gradients = [g * keep if id(v) in frozen else g for g, v in zip(gradients, self.optimized_variables)]
+            keep = self.optimizer.iterations >= self.freeze_last_layer_steps
+            gradients = [g * tf.cast(keep, g.dtype) if id(v) in frozen else g
+                         for g, v in zip(gradients, self.optimized_variables)]
         return loss, gradients, state
 
     def after_update(self, data, state):
