@@ -71,14 +71,15 @@ class GlobalDraws:
         self.local_batch = local_batch
         self.count = 0
 
-    def uniform(self, low=0.0, high=1.0, shape=()):
+    def uniform(self, low=0.0, high=1.0, shape=(), sliced=True):
+        """Uniform draws for this replica's rows (`sliced=False`: the global batch's)."""
         self.count += 1
         seed = tf.random.experimental.stateless_fold_in(self.seed, self.count)
         values = tf.random.stateless_uniform((self.global_batch, *shape), seed, low, high)
-        return replica_slice(values, self.local_batch)
+        return replica_slice(values, self.local_batch) if sliced else values
 
-    def bernoulli(self, p):
-        return self.uniform() < p
+    def bernoulli(self, p, sliced=True):
+        return self.uniform(sliced=sliced) < p
 
     def integers(self, low: int, high: int):
         """Uniform integers in [low, high)."""
@@ -100,19 +101,24 @@ def gray(x):
 
 
 def crop_boxes(draws: GlobalDraws, scale, ratio, flip: bool):
-    """RandomResizedCrop boxes (y1, x1, y2, x2) in [0, 1]; flipping swaps x1 and x2."""
-    area = draws.uniform(*scale)
-    log_ratio = draws.uniform(math.log(ratio[0]), math.log(ratio[1]))
+    """RandomResizedCrop boxes (y1, x1, y2, x2) in [0, 1]; flipping swaps x1 and x2.
+
+    Computed for the global batch, then sliced: exp and sqrt of a differently long
+    tensor can round differently in the last bit (vectorized body vs scalar tail), and
+    1 and N replicas would then crop a hair apart.
+    """
+    area = draws.uniform(*scale, sliced=False)
+    log_ratio = draws.uniform(math.log(ratio[0]), math.log(ratio[1]), sliced=False)
     aspect = tf.exp(log_ratio)
     width = tf.minimum(tf.sqrt(area * aspect), 1.0)
     height = tf.minimum(tf.sqrt(area / aspect), 1.0)
-    top = draws.uniform() * (1.0 - height)
-    left = draws.uniform() * (1.0 - width)
+    top = draws.uniform(sliced=False) * (1.0 - height)
+    left = draws.uniform(sliced=False) * (1.0 - width)
     x1, x2 = left, left + width
     if flip:
-        flipped = draws.bernoulli(0.5)
+        flipped = draws.bernoulli(0.5, sliced=False)
         x1, x2 = tf.where(flipped, x2, x1), tf.where(flipped, x1, x2)
-    return tf.stack([top, x1, top + height, x2], axis=1)
+    return replica_slice(tf.stack([top, x1, top + height, x2], axis=1), draws.local_batch)
 
 
 def color_jitter(x, draws: GlobalDraws, policy: ViewPolicy):
