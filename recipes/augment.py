@@ -141,11 +141,12 @@ def gaussian_blur(x, draws: GlobalDraws, p: float):
     """Separable Gaussian blur with per-image sigma in [0.1, 2.0], kernel ~10% of the side."""
     batch, height, width, channels = x.shape
     size = max(3, (int(0.1 * min(height, width)) // 2) * 2 + 1)
-    sigma = draws.uniform(0.1, 2.0)
+    # The kernels are computed for the global batch, then sliced (see `crop_boxes`).
+    sigma = tf.cast(draws.uniform(0.1, 2.0, sliced=False), x.dtype)
     offsets = tf.range(size, dtype=x.dtype) - (size - 1) / 2
-    sigma = tf.cast(sigma, x.dtype)
     kernel = tf.exp(-tf.square(offsets)[None, :] / (2.0 * tf.square(sigma)[:, None]))
-    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)  # [B, size]
+    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
+    kernel = replica_slice(kernel, draws.local_batch)  # [B, size]
     # Put images into channels so each image gets its own kernel in one depthwise conv.
     stacked = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, height, width, -1])
     per_channel = tf.repeat(tf.transpose(kernel), channels, axis=1)  # [size, B*C]
