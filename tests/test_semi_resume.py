@@ -20,19 +20,20 @@ class Crash(Exception):
     pass
 
 
-def _crash_after(monkeypatch, cls, method, calls):
-    """Lets `cls.method` run `calls` times, then raises right after the last save."""
-    original = getattr(cls, method)
+def _run_until_crash(monkeypatch, run, cls, calls):
+    """Runs `run()`, crashing it right after its `calls`-th `cls.save`; then restores `save`."""
+    original = cls.save
     count = {"n": 0}
 
-    def wrapped(self, *args, **kwargs):
+    def save_then_maybe_crash(self, *args, **kwargs):
         original(self, *args, **kwargs)
         count["n"] += 1
         if count["n"] == calls:
             raise Crash()
 
-    monkeypatch.setattr(cls, method, wrapped)
-    return lambda: monkeypatch.setattr(cls, method, original)
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        patch.setattr(cls, "save", save_then_maybe_crash)
+        run()
 
 
 def _fixmatch(checkpoint_dir):
@@ -47,10 +48,8 @@ def _fixmatch(checkpoint_dir):
 def test_fixmatch_resumes_after_the_last_epoch_and_ends_like_an_uninterrupted_run(monkeypatch, tmp_path, capsys):
     reference, _ = _fixmatch(str(tmp_path / "reference"))
 
-    restore = _crash_after(monkeypatch, checkpointing.EpochCheckpoint, "save", calls=2)
-    with pytest.raises(Crash):
-        _fixmatch(str(tmp_path / "interrupted"))
-    restore()
+    _run_until_crash(monkeypatch, lambda: _fixmatch(str(tmp_path / "interrupted")), checkpointing.EpochCheckpoint,
+                     calls=2)
     capsys.readouterr()
     resumed, metrics = _fixmatch(str(tmp_path / "interrupted"))
     assert "epoch 2 done" in capsys.readouterr().out
@@ -74,10 +73,8 @@ def test_self_training_resumes_after_the_last_finished_round(monkeypatch, tmp_pa
     _, reference = _pseudo_label(str(tmp_path / "reference"))
 
     # Crash after round 1 is saved (saves: round 0, round 1).
-    restore = _crash_after(monkeypatch, checkpointing.RoundCheckpoint, "save", calls=2)
-    with pytest.raises(Crash):
-        _pseudo_label(str(tmp_path / "interrupted"))
-    restore()
+    _run_until_crash(monkeypatch, lambda: _pseudo_label(str(tmp_path / "interrupted")),
+                     checkpointing.RoundCheckpoint, calls=2)
     saved = checkpointing.RoundCheckpoint(str(tmp_path / "interrupted")).finished_rows()
     assert [row["round"] for row in saved] == [0, 1]
     capsys.readouterr()
