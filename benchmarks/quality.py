@@ -1,14 +1,17 @@
 """Quality benchmark: how good is a recipe's encoder, next to the baselines that matter.
 
-    python benchmarks/quality.py --recipe=moco --epochs=30 --run_dir=runs/quality_moco
+    python benchmarks/quality.py --recipe=simclr --run_dir=runs/quality_simclr
 
-Trains the recipe with `recipes.train` (or reuses a finished run in --run_dir), then
-reports on the Fashion-MNIST test split, with one protocol for every row:
+Trains the recipe with `recipes.train` (or reuses a finished run in --run_dir) with the
+settings of benchmarks/fmnist_settings.py: MoCo's time budget (the epochs follow from the
+measured throughputs), one optimizer, heads sized for 28-px images. Then it reports on
+the Fashion-MNIST test split, with one protocol for every row:
   * weighted kNN (k=200, T=0.1, memory = the 60k training images) and
   * a linear probe (AdamW, standardized frozen features)
 for: raw pixels, a randomly initialised encoder, the self-supervised encoder, and a
 supervised encoder of the same architecture (cross-entropy with labels, flips and
-crops). Writes benchmarks/results/quality_<recipe>.json and .md, plus two pictures:
+crops). The baseline rows are computed once per protocol and cached in
+quality_baselines.json. Writes benchmarks/results/quality_<recipe>.json and .md, plus two pictures:
 a 2-D t-SNE map of test embeddings coloured by class, and a retrieval grid (query
 image + its 8 nearest test neighbours).
 """
@@ -21,27 +24,44 @@ import time
 
 from absl import app, flags
 
+import fmnist_settings
+from fmnist_settings import BACKBONE, WIDTH
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", "moco", "Recipe to benchmark.")
-flags.DEFINE_integer("epochs", 30, "Pretraining epochs.")
+flags.DEFINE_integer("epochs", None, "Pretraining epochs (default: MoCo's time budget, from "
+                     "benchmarks/results/throughput_fmnist.json).")
 flags.DEFINE_string("run_dir", None, "Run directory (default runs/quality_<recipe>); a finished run is reused.")
-flags.DEFINE_list("train_args", [], "Extra recipes.train flags, e.g. --train_args=--lr=0.06,--hparams=...")
-flags.DEFINE_integer("supervised_epochs", 10, "Epochs of the supervised baseline (0: skip).")
+flags.DEFINE_list("train_args", [], "Extra recipes.train flags, e.g. --train_args=--lr=0.03,--warmup_epochs=1 "
+                  "(after the settings, so they win).")
+flags.DEFINE_integer("supervised_epochs", 8, "Epochs of the supervised baseline (0: skip).")
 flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs for every row.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where JSON, markdown and pictures go.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKBONE, WIDTH = "resnet18_small", 0.25
+THROUGHPUT = "benchmarks/results/throughput_fmnist.json"
+
+
+def budget_epochs(recipe):
+    with open(THROUGHPUT) as f:
+        measured = {r["recipe"]: r["images_per_sec"] for r in json.load(f)["results"]
+                    if r.get("strategy") == "default" and "images_per_sec" in r}
+    return fmnist_settings.budget_epochs(recipe, measured)
 
 
 def train_recipe(run_dir):
     if os.path.exists(os.path.join(run_dir, "metrics.json")):
         print(f"reusing finished run {run_dir}")
         return
+    epochs = FLAGS.epochs or budget_epochs(FLAGS.recipe)
+    settings = [*fmnist_settings.OPTIMIZER_FLAGS]
+    if fmnist_settings.hparams(FLAGS.recipe, epochs):
+        settings.append(fmnist_settings.hparams_flag(FLAGS.recipe, epochs))
     command = [sys.executable, "-m", "recipes.train", f"--recipe={FLAGS.recipe}", "--dataset=fashion_mnist",
-               f"--backbone={BACKBONE}", f"--width={WIDTH}", f"--epochs={FLAGS.epochs}", f"--seed={FLAGS.seed}",
-               f"--model_dir={run_dir}", "--knn_every=5", "--verbose=2", *FLAGS.train_args]
+               f"--backbone={BACKBONE}", f"--width={WIDTH}", f"--epochs={epochs}", f"--seed={FLAGS.seed}",
+               f"--model_dir={run_dir}", "--knn_every=5", "--verbose=2", f"--probe_epochs={FLAGS.probe_epochs}",
+               *settings, *FLAGS.train_args]
     print(" ".join(command[1:]), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
 
@@ -137,6 +157,45 @@ def save_pictures(features, images, labels, class_names, prefix):
     plt.close(figure)
 
 
+def baseline_rows(train_x, train_y, test_x, test_y, protocol):
+    """Raw pixels, random init and supervised rows; computed once per protocol and cached."""
+    import keras
+    import numpy as np
+
+    from recipes import evaluate
+    from zoo import backbones
+
+    key = (f"{BACKBONE} width={WIDTH} seed={FLAGS.seed} probe_epochs={FLAGS.probe_epochs} "
+           f"supervised_epochs={FLAGS.supervised_epochs}")
+    path = os.path.join(FLAGS.out_dir, "quality_baselines.json")
+    cache = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cache = json.load(f)
+    if key in cache:
+        print(f"reusing baselines from {path} ({key})")
+        return cache[key]
+
+    rows = {}
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
+    rows["raw pixels"] = evaluate_features("raw pixels", flat(train_x), train_y, flat(test_x), test_y, protocol)
+    keras.utils.set_random_seed(FLAGS.seed)
+    random_encoder = backbones.build(BACKBONE, train_x.shape[1:], WIDTH)
+    rows["random init"] = evaluate_features("random init", evaluate.extract_features(random_encoder, train_x), train_y,
+                                            evaluate.extract_features(random_encoder, test_x), test_y, protocol)
+    if FLAGS.supervised_epochs > 0:
+        sup_encoder, sup_model = supervised_encoder(train_x, train_y, FLAGS.supervised_epochs, FLAGS.seed)
+        sup_name = f"supervised ({FLAGS.supervised_epochs} epochs)"
+        rows[sup_name] = evaluate_features(sup_name, evaluate.extract_features(sup_encoder, train_x), train_y,
+                                           evaluate.extract_features(sup_encoder, test_x), test_y, protocol)
+        logits = sup_model.predict(test_x, batch_size=1024, verbose=0)
+        rows[sup_name]["classifier_test_accuracy"] = float(np.mean(np.argmax(logits, 1) == test_y))
+    cache[key] = rows
+    with open(path, "w") as f:
+        json.dump(cache, f, indent=2)
+    return rows
+
+
 def main(argv):
     del argv
     os.chdir(ROOT)
@@ -144,7 +203,6 @@ def main(argv):
     import numpy as np
 
     from recipes import data, evaluate
-    from zoo import backbones
 
     run_dir = FLAGS.run_dir or f"runs/quality_{FLAGS.recipe}"
     os.makedirs(FLAGS.out_dir, exist_ok=True)
@@ -152,39 +210,27 @@ def main(argv):
     train_recipe(run_dir)
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        train_metrics = json.load(f).get("train", {})
 
     train_x, train_y = data.load_arrays("fashion_mnist", "train")
     test_x, test_y = data.load_arrays("fashion_mnist", "test")
     protocol = {"dataset": "fashion_mnist", "train_split": "train", "test_split": "test", "seed": FLAGS.seed}
-    rows = {}
-    flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
-    rows["raw pixels"] = evaluate_features("raw pixels", flat(train_x), train_y, flat(test_x), test_y, protocol)
-
-    keras.utils.set_random_seed(FLAGS.seed)
-    random_encoder = backbones.build(BACKBONE, train_x.shape[1:], WIDTH)
-    rows["random init"] = evaluate_features("random init", evaluate.extract_features(random_encoder, train_x), train_y,
-                                            evaluate.extract_features(random_encoder, test_x), test_y, protocol)
+    baselines = baseline_rows(train_x, train_y, test_x, test_y, protocol)
 
     encoder = keras.saving.load_model(os.path.join(run_dir, "encoder.keras"))
     ssl_test_features = evaluate.extract_features(encoder, test_x)
     name = f"{FLAGS.recipe} ({run['epochs']} epochs)"
-    rows[name] = evaluate_features(name, evaluate.extract_features(encoder, train_x), train_y, ssl_test_features,
-                                   test_y, {**protocol, "pretrain_epochs": run["epochs"]})
-
-    supervised = None
-    if FLAGS.supervised_epochs > 0:
-        sup_encoder, sup_model = supervised_encoder(train_x, train_y, FLAGS.supervised_epochs, FLAGS.seed)
-        sup_name = f"supervised ({FLAGS.supervised_epochs} epochs)"
-        rows[sup_name] = evaluate_features(sup_name, evaluate.extract_features(sup_encoder, train_x), train_y,
-                                           evaluate.extract_features(sup_encoder, test_x), test_y, protocol)
-        logits = sup_model.predict(test_x, batch_size=1024, verbose=0)
-        supervised = float(np.mean(np.argmax(logits, 1) == test_y))
-        rows[sup_name]["classifier_test_accuracy"] = supervised
+    ssl_row = evaluate_features(name, evaluate.extract_features(encoder, train_x), train_y, ssl_test_features,
+                                test_y, {**protocol, "pretrain_epochs": run["epochs"]})
+    rows = {"raw pixels": baselines["raw pixels"], "random init": baselines["random init"], name: ssl_row,
+            **{k: v for k, v in baselines.items() if k.startswith("supervised")}}
 
     prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}")
     save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
     result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": WIDTH, "run": run, "rows": rows,
-              "pretrain_wall_time_s": run.get("wall_time_s"), "pretrain_images_per_sec": run.get("images_per_sec"),
+              "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
+              "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
               "benchmark_wall_time_s": round(time.time() - started, 1),
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
     with open(prefix + ".json", "w") as f:

@@ -2,11 +2,16 @@
 
     python benchmarks/throughput.py --recipes=moco,simclr --batch_sizes=128,256
     python benchmarks/throughput.py --strategies=default,mirrored2   # 2 logical CPU replicas
+    python benchmarks/throughput.py --recipes=all --settings=fmnist  # the quality runs' heads
+
+--settings=paper builds each recipe with its paper's defaults; --settings=fmnist with the
+hyperparameters of the Fashion-MNIST quality runs (benchmarks/fmnist_settings.py), whose
+epoch budgets are computed from these numbers.
 
 Each configuration builds the recipe exactly as `recipes.train` does, runs warm-up
 steps (tracing), then times `--steps` train steps on fixed random uint8 batches of
 Fashion-MNIST's shape (the data pipeline is not what is measured). Writes
-benchmarks/results/throughput.json and prints a markdown table.
+benchmarks/results/throughput[_fmnist].json and prints a markdown table.
 """
 
 import json
@@ -16,6 +21,7 @@ import time
 
 from absl import app, flags
 
+import fmnist_settings
 from recipes import train as _train_cli  # noqa: F401  (defines --width and --seed, reused here)
 
 FLAGS = flags.FLAGS
@@ -26,7 +32,10 @@ flags.DEFINE_list("strategies", ["default"], "default, or mirrored2 (2 logical C
 flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
-flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
+flags.DEFINE_enum("settings", "paper", ["paper", "fmnist"], "Recipe hyperparameters: papers' defaults or "
+                  "the Fashion-MNIST quality runs'.")
+flags.DEFINE_string("out", None, "JSON output (default benchmarks/results/throughput.json, or "
+                    "throughput_fmnist.json with --settings=fmnist).")
 
 
 def time_configuration(recipe_name, backbone, batch_size, strategy_name):
@@ -46,7 +55,8 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
     keras.utils.set_random_seed(FLAGS.seed)
     with strategy.scope():
         encoder = backbones.build(backbone, shape, FLAGS.width)
-        recipe = build_recipe(recipe_cls, encoder, {}, FLAGS.seed, total_steps=total, num_examples=batch_size * 4)
+        hparams = fmnist_settings.hparams(recipe_name, epochs=1) if FLAGS.settings == "fmnist" else {}
+        recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total, num_examples=batch_size * 4)
         recipe.compile(optimizer=make_optimizer("sgd", 0.01, 5e-4, total, 0))
     rng = np.random.RandomState(FLAGS.seed)
     batch = {"image": rng.randint(0, 256, (batch_size, *shape)).astype("uint8"),
@@ -58,7 +68,8 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
     recipe.fit(dataset, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - started
     return {"recipe": recipe_name, "backbone": backbone, "width": FLAGS.width, "batch_size": batch_size,
-            "strategy": strategy_name, "replicas": strategy.num_replicas_in_sync, "image_shape": list(shape),
+            "strategy": strategy_name, "settings": FLAGS.settings, "replicas": strategy.num_replicas_in_sync,
+            "image_shape": list(shape),
             "steps": FLAGS.steps, "seconds": round(seconds, 3), "images_per_sec": round(FLAGS.steps * batch_size / seconds, 1)}
 
 
@@ -86,13 +97,15 @@ def main(argv):
                                "strategy": strategy, "error": f"{type(error).__name__}: {error}"[:300]}
                     print(json.dumps(row), flush=True)
                     results.append(row)
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
+    out = FLAGS.out or ("benchmarks/results/throughput_fmnist.json" if FLAGS.settings == "fmnist"
+                        else "benchmarks/results/throughput.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump({"command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
                    "cpu_count": os.cpu_count(), "results": results}, f, indent=2)
-    print("\n| recipe | backbone | batch | strategy | images/sec |\n|---|---|---|---|---|")
+    print("\n| recipe | settings | backbone | batch | strategy | images/sec |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['recipe']} | {r['backbone']} | {r['batch_size']} | {r['strategy']} | "
+        print(f"| {r['recipe']} | {FLAGS.settings} | {r['backbone']} | {r['batch_size']} | {r['strategy']} | "
               f"{r.get('images_per_sec', r.get('error'))} |")
 
 

@@ -1,0 +1,43 @@
+"""The Fashion-MNIST quality runs' settings: every self-supervised recipe has them, they
+build (no misspelled hyperparameter), and the time budget scales with throughput."""
+
+import os
+import sys
+
+import keras
+import pytest
+
+import recipes  # noqa: F401  (registers every recipe)
+from recipes.base import RECIPES, get_recipe_class
+from recipes.semi.cli import LABEL_RECIPES
+from recipes.train import build_recipe
+from zoo import backbones
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import fmnist_settings  # noqa: E402
+
+
+def test_every_self_supervised_recipe_has_settings():
+    assert set(fmnist_settings.HPARAMS) == set(RECIPES) - set(LABEL_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", sorted(fmnist_settings.HPARAMS))
+def test_settings_build_the_recipe(recipe):
+    encoder = backbones.build(fmnist_settings.BACKBONE, (28, 28, 1), fmnist_settings.WIDTH)
+    hparams = fmnist_settings.hparams(recipe, epochs=4)
+    model = build_recipe(get_recipe_class(recipe), encoder, hparams, seed=0, total_steps=40, num_examples=600)
+    config = model.get_config()
+    for key, value in hparams.items():  # the recipe kept what the settings asked for
+        assert config[key] == value, key
+    assert isinstance(model, keras.Model)
+
+
+def test_budget_gives_slower_recipes_fewer_epochs():
+    measured = {"moco": 1000.0, "simclr": 500.0, "cpc": 170.0}
+    assert fmnist_settings.budget_epochs("moco", measured) == fmnist_settings.BUDGET_EPOCHS
+    assert fmnist_settings.budget_epochs("simclr", measured) == round(fmnist_settings.BUDGET_EPOCHS / 2)
+    assert fmnist_settings.budget_epochs("cpc", measured) == round(fmnist_settings.BUDGET_EPOCHS * 0.17)
+    with pytest.raises(ValueError, match="throughput.py --settings=fmnist --recipes=byol"):
+        fmnist_settings.budget_epochs("byol", measured)
+    with pytest.raises(ValueError, match="No Fashion-MNIST settings"):
+        fmnist_settings.hparams("fixmatch", epochs=1)
