@@ -93,6 +93,25 @@ def test_pseudo_label_rounds_report_coverage_and_accuracies():
     assert isinstance(model, PseudoLabel) and model.exported_encoder is model.encoder
 
 
+def test_students_train_student_steps_scale_times_the_teachers_steps():
+    keras.utils.set_random_seed(0)
+    labelled = _shapes(12, seed=1, noise=30.0)
+    unlabelled, _ = _shapes(24, seed=2, noise=30.0)
+    optimizers_built = []
+
+    def optimizer():
+        optimizers_built.append(None)
+        return _adam()
+
+    student, _ = run_pseudo_label(_tiny_encoder, 3, labelled, unlabelled, steps=4, batch_size=12,
+                                  optimizer_fn=optimizer, rounds=1, threshold=0.0, augment="none",
+                                  student_steps_scale=2.5)
+    assert len(optimizers_built) == 2  # the teacher and one student, each with its own optimizer
+    assert int(student.optimizer.iterations) == 10  # 4 teacher steps x 2.5
+    with pytest.raises(ValueError, match="student_steps_scale"):
+        PseudoLabel(_tiny_encoder(), 3, student_steps_scale=0)
+
+
 def test_student_starts_from_teacher_only_with_equal_architecture():
     keras.utils.set_random_seed(0)
     teacher, student = PseudoLabel(_tiny_encoder(), 3), PseudoLabel(_tiny_encoder(), 3)

@@ -50,13 +50,14 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
       stochastic_depth: drop rate of the last residual block (0.2 = the paper's
         survival probability 0.8; earlier blocks less); 0 turns it off.
       rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
-        init_from_teacher: as in `SelfTrainingMixin`; defaults are the paper's
+        init_from_teacher, student_steps_scale: as in `SelfTrainingMixin`; defaults are the paper's
         (threshold 0.3, soft labels, balancing when per_class is set, fresh student).
     """
 
     def __init__(self, encoder, num_classes, rounds=3, threshold=0.3, hard_labels=False, per_class=None,
                  fill_classes=True, unlabelled_weight=1.0, init_from_teacher=False, augment="strong",
-                 strong_policy=None, dropout=0.5, stochastic_depth=0.2, **kwargs):
+                 strong_policy=None, dropout=0.5, stochastic_depth=0.2, student_steps_scale=1.0,
+                 **kwargs):
         self.stochastic_depth = float(stochastic_depth)
         if self.stochastic_depth > 0:
             encoder = with_stochastic_depth(encoder, self.stochastic_depth, seed=kwargs.get("seed", 0))
@@ -64,7 +65,7 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
                          strong_policy=PAPER_STRONG_POLICY if strong_policy is None else strong_policy,
                          **kwargs)
         self._init_self_training(rounds, threshold, hard_labels, per_class, fill_classes,
-                                 unlabelled_weight, init_from_teacher)
+                                 unlabelled_weight, init_from_teacher, student_steps_scale)
 
     def get_config(self):
         return {**super().get_config(), **self.self_training_config(), "stochastic_depth": self.stochastic_depth}

@@ -42,10 +42,15 @@ class SelfTrainingMixin:
         labelled one (Lee 2013's alpha).
       init_from_teacher: the student starts from the teacher's weights (and must share
         its architecture) instead of from its own initialization.
+      student_steps_scale: a student trains this many times the teacher's steps (or
+        epochs). The teacher learns from the few labels; a student's training set is
+        that plus tens of thousands of pseudo-labelled images, which the teacher's
+        budget covers only once or twice. (Noisy Student's students see far more
+        images per step than their teacher: an unlabelled batch 14-28x the labelled one.)
     """
 
     def _init_self_training(self, rounds, threshold, hard_labels, per_class, fill_classes,
-                            unlabelled_weight, init_from_teacher):
+                            unlabelled_weight, init_from_teacher, student_steps_scale=1.0):
         if int(rounds) < 0:
             raise ValueError(f"rounds must be >= 0, got {rounds!r}.")
         if not 0.0 <= float(threshold) <= 1.0:
@@ -57,11 +62,20 @@ class SelfTrainingMixin:
         self.fill_classes = bool(fill_classes)
         self.unlabelled_weight = float(unlabelled_weight)
         self.init_from_teacher = bool(init_from_teacher)
+        if float(student_steps_scale) <= 0:
+            raise ValueError(f"student_steps_scale must be > 0, got {student_steps_scale!r}.")
+        self.student_steps_scale = float(student_steps_scale)
 
     def self_training_config(self):
         return {"rounds": self.rounds, "threshold": self.threshold, "hard_labels": self.hard_labels,
                 "per_class": self.per_class, "fill_classes": self.fill_classes,
-                "unlabelled_weight": self.unlabelled_weight, "init_from_teacher": self.init_from_teacher}
+                "unlabelled_weight": self.unlabelled_weight, "init_from_teacher": self.init_from_teacher,
+                "student_steps_scale": self.student_steps_scale}
+
+    def student_budget(self, epochs, steps):
+        """(epochs, steps) of a student, given the teacher's."""
+        scaled_steps = None if steps is None else max(1, round(steps * self.student_steps_scale))
+        return max(1, round(epochs * self.student_steps_scale)), scaled_steps
 
     def pseudo_labels(self, probabilities):
         """(indices, targets) of the unlabelled examples this method trains on."""
@@ -90,9 +104,10 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
       labelled: (uint8 images [L,H,W,C], int labels [L]).
       unlabelled_images: uint8 [N,H,W,C].
       test: optional (images, labels) for per-round test accuracy.
-      epochs, batch_size: training of every model (epochs count passes over that
-        round's training set, labelled + pseudo-labelled).
-      steps: if given, every model trains for this many steps instead of `epochs`.
+      epochs, batch_size: training of the teacher (epochs count passes over that
+        model's training set, labelled + pseudo-labelled for students); students
+        train `student_steps_scale` times as long.
+      steps: if given, the teacher trains for this many steps instead of `epochs`.
       heldout_unlabelled_labels: true labels of the unlabelled images, if known, to
         measure pseudo-label accuracy (never used for training).
       teacher: a trained classifier (e.g. from `run_finetune`) to skip round 0.
@@ -165,8 +180,9 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
             target_args = {"targets": np.concatenate([one_hot, pseudo_targets.astype(np.float32)])}
         if student.init_from_teacher:
             _copy_weights(teacher, student)
-        history = fit_classifier(student, images, weights=weights, epochs=epochs, batch_size=batch_size,
-                                 steps=steps, seed=seed + round_index, verbose=verbose, **target_args)
+        student_epochs, student_steps = student.student_budget(epochs, steps)
+        history = fit_classifier(student, images, weights=weights, epochs=student_epochs, batch_size=batch_size,
+                                 steps=student_steps, seed=seed + round_index, verbose=verbose, **target_args)
         metrics.append(evaluate(student, round_index, train_loss=float(history["loss"][-1]), **row))
         if checkpoint:
             checkpoint.save(student, metrics)
