@@ -14,7 +14,9 @@ and .md.
 Budgets (per model): supervised-only, fine-tuning and every pseudo-labelling model
 train 1,000 steps of 64 labelled (+ pseudo-labelled) images; pseudo-label and Noisy
 Student add 3 rounds (a teacher then 3 students); FixMatch trains --fixmatch_steps
-steps of 64 labelled + 448 unlabelled images (weak + strong views). With
+steps of 64 labelled + 448 unlabelled images (weak + strong views);
+--student_steps_scale=K gives the pseudo-label and Noisy Student students K times the
+teacher's steps (their rows and run directories are marked). With
 --ssl_encoder, four more rows start from that published self-supervised encoder
 (fine-tune, pseudo-label, Noisy Student, FixMatch; for the two self-training methods
 the teacher and every student are built from it): it was pretrained on the same 60k
@@ -35,6 +37,8 @@ flags.DEFINE_string("zoo_store", None, "Zoo store holding --ssl_encoder (default
 flags.DEFINE_list("splits", ["100", "1pct"], "Labelled splits: 100 (10 per class) and/or 1pct (1%).")
 flags.DEFINE_list("fixmatch_steps", ["100:3000", "1pct:2000"], "FixMatch training steps per split (multiples of 50).")
 flags.DEFINE_list("fixmatch_scratch_splits", ["100", "1pct"], "Splits that also get FixMatch from a random init.")
+flags.DEFINE_float("student_steps_scale", 1.0, "Pseudo-label / Noisy Student students train this many times "
+                   "the teacher's 1,000 steps (run directories get a _s<scale> suffix when not 1).")
 flags.DEFINE_integer("seed", 0, "Seed of the labelled split, weights and augmentations.")
 flags.DEFINE_string("out", "benchmarks/results/label_efficiency", "Output path without extension.")
 
@@ -44,23 +48,34 @@ COMMON = ["--dataset=fashion_mnist", "--backbone=resnet18_small", "--width=0.25"
 THOUSAND_STEPS = ["--epochs=10", "--steps_per_epoch=100"]
 
 
+def hparams_flag(values):
+    """`--hparams=k=v,...` for recipes.train, or nothing."""
+    return ["--hparams=" + ",".join(f"{k}={v}" for k, v in values.items())] if values else []
+
+
 def runs(split):
     """(row name, run name, recipe.train flags) for one labelled split."""
     label_flag = SPLIT_FLAGS[split]
     steps = dict(item.split(":") for item in FLAGS.fixmatch_steps)[split]
     fixmatch = ["--recipe=fixmatch", f"--epochs={int(steps) // 50}", "--steps_per_epoch=50"]
+    scale = FLAGS.student_steps_scale
+    longer = {} if scale == 1 else {"student_steps_scale": scale}
+    suffix, students = ("", "") if scale == 1 else (f"_s{scale:g}", f", students {scale:g}x steps")
+    pseudo_label, noisy_student = hparams_flag(longer), hparams_flag({"per_class": 3000, **longer})
     rows = [("supervised only", f"sup{split}", ["--recipe=finetune", *THOUSAND_STEPS]),
-            ("pseudo-label (3 rounds)", f"pl{split}", ["--recipe=pseudo_label", *THOUSAND_STEPS]),
-            ("Noisy Student (3 rounds)", f"ns{split}", ["--recipe=noisy_student", *THOUSAND_STEPS,
-                                                         "--hparams=per_class=3000"])]
+            (f"pseudo-label (3 rounds{students})", f"pl{split}{suffix}",
+             ["--recipe=pseudo_label", *THOUSAND_STEPS, *pseudo_label]),
+            (f"Noisy Student (3 rounds{students})", f"ns{split}{suffix}",
+             ["--recipe=noisy_student", *THOUSAND_STEPS, *noisy_student])]
     if split in FLAGS.fixmatch_scratch_splits:
         rows.append(("FixMatch", f"fixmatch{split}", fixmatch))
     if FLAGS.ssl_encoder:
         init = [f"--init_from={FLAGS.ssl_encoder}"] + ([f"--zoo_store={FLAGS.zoo_store}"] if FLAGS.zoo_store else [])
         rows.append(("SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
-        rows.append(("SSL encoder + pseudo-label", f"pl_ssl{split}", ["--recipe=pseudo_label", *THOUSAND_STEPS, *init]))
-        rows.append(("SSL encoder + Noisy Student", f"ns_ssl{split}", ["--recipe=noisy_student", *THOUSAND_STEPS,
-                                                                        "--hparams=per_class=3000", *init]))
+        rows.append((f"SSL encoder + pseudo-label{students}", f"pl_ssl{split}{suffix}",
+                     ["--recipe=pseudo_label", *THOUSAND_STEPS, *pseudo_label, *init]))
+        rows.append((f"SSL encoder + Noisy Student{students}", f"ns_ssl{split}{suffix}",
+                     ["--recipe=noisy_student", *THOUSAND_STEPS, *noisy_student, *init]))
         rows.append(("SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
     return [(row, name, [*COMMON, *flags_, label_flag, f"--seed={FLAGS.seed}"]) for row, name, flags_ in rows]
 
