@@ -1,12 +1,14 @@
 """FixMatch: 1-vs-2-replica equality, EMA update, loss decomposition, batch pipeline."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from recipes.semi.fixmatch import FixMatch, fixmatch_dataset
+from recipes.semi.fixmatch import FixMatch, fixmatch_dataset, run_fixmatch
 from tests import distributed_utils
 from tests.distributed_utils import build_recipe, compare_one_vs_two_replicas, train_step
+from tests.test_semi_self_training import _shapes
 from zoo import backbones
 
 NUM_CLASSES = 3
@@ -121,3 +123,14 @@ def test_fit_runs_and_reports_fixmatch_metrics():
     assert recipe.predict_proba(rng.randint(0, 256, (5, 16, 16, 1)).astype("uint8")).shape == (5, 3)
     assert recipe.exported_encoder is recipe.ema_encoder
     assert recipe.get_config()["threshold"] == 0.3
+
+
+def test_run_fixmatch_logs_test_accuracy_every_few_epochs_and_at_the_end():
+    keras.utils.set_random_seed(0)
+    labelled, (unlabelled, _), test = _shapes(12, seed=1), _shapes(24, seed=2), _shapes(30, seed=3)
+    encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+    model, metrics = run_fixmatch(encoder, 3, labelled, unlabelled, test, steps=10, log_every=2, test_every=2,
+                                  batch_size=4, mu=2, threshold=0.3)
+    steps = [step for step, _ in metrics["test_accuracy_by_step"]]
+    assert steps == [4, 8, 10]  # every 2nd epoch of 2 steps, and the last one
+    assert metrics["test_accuracy_by_step"][-1][1] == metrics["test_accuracy"] == model.accuracy(*test)

@@ -238,13 +238,31 @@ def paper_optimizer(total_steps, learning_rate=0.03, weight_decay=5e-4):
                                 weight_decay=weight_decay)
 
 
+class LogTestAccuracy(keras.callbacks.Callback):
+    """Adds the EMA model's test accuracy to the logs every `every` epochs and at the end,
+    so the history shows whether longer training would still help."""
+
+    def __init__(self, test, every):
+        super().__init__()
+        self.test, self.every = test, int(every)
+        self.rows = []  # (optimizer step, test accuracy)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0 or epoch + 1 == self.params.get("epochs"):
+            accuracy = self.model.accuracy(*self.test)
+            self.rows.append((int(self.model.optimizer.iterations), accuracy))
+            if logs is not None:
+                logs["test_accuracy"] = accuracy
+
+
 def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *, steps=1000, batch_size=64,
-                 log_every=None, optimizer=None, strategy=None, seed=0, verbose=0, heldout_unlabelled_labels=None,
-                 checkpoint_dir=None, **hyperparameters):
+                 log_every=None, test_every=10, optimizer=None, strategy=None, seed=0, verbose=0,
+                 heldout_unlabelled_labels=None, checkpoint_dir=None, **hyperparameters):
     """Trains FixMatch from arrays for `steps` steps; returns (model, metrics dict).
 
     `log_every` steps (a divisor of `steps`; default all of them) make one Keras
-    epoch, i.e. one line of progress. Test accuracy is the EMA model's.
+    epoch, i.e. one line of progress; every `test_every` such epochs (and at the
+    end) the line also gives the test accuracy. Test accuracy is the EMA model's.
     With `checkpoint_dir`, every epoch is checkpointed (weights, EMA weights,
     optimizer) and a rerun resumes after the last one, skipping the batches already
     seen, so it ends where an uninterrupted run would.
@@ -264,12 +282,14 @@ def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *
             done_epochs = checkpoint.restore()
     ds = fixmatch_dataset(labelled[0], labelled[1], unlabelled_images, batch_size, model.mu, seed,
                           unlabelled_labels=heldout_unlabelled_labels)
+    test_log = LogTestAccuracy(test, test_every) if test is not None else None
+    callbacks = [c for c in (test_log, SaveEveryEpoch(checkpoint) if checkpoint else None) if c]
     history = model.fit(ds.skip(done_epochs * log_every), epochs=steps // log_every, initial_epoch=done_epochs,
-                        steps_per_epoch=log_every, callbacks=[SaveEveryEpoch(checkpoint)] if checkpoint else [],
-                        verbose=verbose).history
+                        steps_per_epoch=log_every, callbacks=callbacks, verbose=verbose).history
     metrics = {"protocol": {"labelled": int(len(labelled[1])), "unlabelled": int(len(unlabelled_images)),
                             "steps": steps, "batch_size": batch_size, "mu": model.mu, "seed": seed},
                **{name: float(values[-1]) for name, values in history.items() if values}}
     if test is not None:
         metrics["test_accuracy"] = model.accuracy(*test)
+        metrics["test_accuracy_by_step"] = test_log.rows
     return model, metrics
