@@ -13,9 +13,9 @@ cosine, batch 256), as lightly's CIFAR-10 benchmark uses one SGD setting for eve
 Hyperparameters: the papers size heads for 2048-d ImageNet features; here the encoder
 gives 128-d features (resnet18_small, width 0.25), so heads shrink (solo-learn's CIFAR
 configs make the same cuts: a 2048-d Barlow Twins projector, 4096 DINO prototypes), and
-momentum targets start at 0.99 instead of 0.996: over a few thousand steps a 0.996 target
-stays close to its random initialization for much of the run. Anything not listed is the
-paper's default.
+momentum targets start at 0.99 instead of 0.996: a target averages the online weights of
+roughly the last 1/(1-m) steps, 250 at 0.996, a long lag for runs of 3,000-5,000 steps (and
+the cosine schedule raises m toward 1 from there). Anything not listed is the paper's default.
 """
 
 BACKBONE, WIDTH = "resnet18_small", 0.25
