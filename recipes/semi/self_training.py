@@ -45,8 +45,7 @@ class SelfTrainingMixin:
       student_steps_scale: a student trains this many times the teacher's steps (or
         epochs). The teacher learns from the few labels; a student's training set is
         that plus tens of thousands of pseudo-labelled images, which the teacher's
-        budget covers only once or twice. (Noisy Student's students see far more
-        images per step than their teacher: an unlabelled batch 14-28x the labelled one.)
+        budget covers only once or twice.
     """
 
     def _init_self_training(self, rounds, threshold, hard_labels, per_class, fill_classes,
