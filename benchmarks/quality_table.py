@@ -41,11 +41,12 @@ def main():
                 sys.exit(f"{run['recipe']}'s {name!r} row differs from {finished[0]['recipe']}'s: rerun it.")
     random_knn = baselines["random init"]["knn"]["accuracy"]
 
-    lines = ["| encoder | epochs | kNN (k=200, T=0.1) | kNN − random init | linear probe | train img/s |",
+    lines = ["| encoder | epochs | kNN (k=200, T=0.1) | kNN vs random init (points) | linear probe | train img/s |",
              "|---|---|---|---|---|---|"]
     for name, row in baselines.items():
         knn = row["knn"]["accuracy"]
-        lines.append(f"| {name} | | {knn:.4f} | {knn - random_knn:+.4f} | {row['linear_probe']['accuracy']:.4f} | |")
+        lines.append(f"| {name} | | {knn:.4f} | {(knn - random_knn) * 100:+.1f} | "
+                     f"{row['linear_probe']['accuracy']:.4f} | |")
     commands = []
     for recipe, run in runs.items():
         if run is None:
@@ -53,7 +54,7 @@ def main():
             continue
         row = next(v for k, v in run["rows"].items() if k.startswith(f"{recipe} ("))
         knn = row["knn"]["accuracy"]
-        lines.append(f"| **{recipe}** | {run['run']['epochs']} | {knn:.4f} | {knn - random_knn:+.4f} | "
+        lines.append(f"| **{recipe}** | {run['run']['epochs']} | {knn:.4f} | {(knn - random_knn) * 100:+.1f} | "
                      f"{row['linear_probe']['accuracy']:.4f} | {throughput.get(recipe, '')} |")
         commands.append(f"- {recipe}: `{run['run'].get('command', '')}`, then `{run['command']}`")
     text = "\n".join(lines + ["", "Commands:", *commands]) + "\n"
