@@ -74,8 +74,7 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
         seconds.append(time.perf_counter() - started)
     return {"recipe": recipe_name, "backbone": backbone, "width": FLAGS.width, "batch_size": batch_size,
             "strategy": strategy_name, "settings": FLAGS.settings, "replicas": strategy.num_replicas_in_sync,
-            "image_shape": list(shape),
-            "steps": FLAGS.steps, "seconds_per_repeat": [round(s, 3) for s in seconds],
+            "image_shape": list(shape), "steps": FLAGS.steps, "seconds_per_repeat": [round(s, 3) for s in seconds],
             "images_per_sec": round(FLAGS.steps * batch_size / min(seconds), 1)}
 
 
