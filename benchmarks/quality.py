@@ -55,7 +55,7 @@ def train_recipe(run_dir):
         print(f"reusing finished run {run_dir}")
         return
     epochs = FLAGS.epochs or budget_epochs(FLAGS.recipe)
-    settings = [*fmnist_settings.OPTIMIZER_FLAGS]
+    settings = fmnist_settings.optimizer_flags(FLAGS.recipe)
     if fmnist_settings.hparams(FLAGS.recipe, epochs):
         settings.append(fmnist_settings.hparams_flag(FLAGS.recipe, epochs))
     command = [sys.executable, "-m", "recipes.train", f"--recipe={FLAGS.recipe}", "--dataset=fashion_mnist",

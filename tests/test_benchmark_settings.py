@@ -8,6 +8,7 @@ import keras
 import pytest
 
 import recipes  # noqa: F401  (registers every recipe)
+import recipes.train
 from recipes.base import RECIPES, get_recipe_class
 from recipes.semi.cli import LABEL_RECIPES
 from recipes.train import build_recipe
@@ -41,3 +42,14 @@ def test_budget_gives_slower_recipes_fewer_epochs():
         fmnist_settings.budget_epochs("byol", measured)
     with pytest.raises(ValueError, match="No Fashion-MNIST settings"):
         fmnist_settings.hparams("fixmatch", epochs=1)
+
+
+def test_optimizer_overrides_are_train_flags_and_come_last():
+    train_flags = recipes.train.FLAGS
+    for recipe, overrides in fmnist_settings.OPTIMIZER_OVERRIDES.items():
+        given = dict(flag[2:].split("=", 1) for flag in fmnist_settings.optimizer_flags(recipe))
+        for flag in overrides:
+            name, value = flag[2:].split("=", 1)
+            assert name in train_flags, name
+            assert given[name] == value  # the later flag wins, as absl parses them
+    assert fmnist_settings.optimizer_flags("moco") == list(fmnist_settings.OPTIMIZER_FLAGS)
