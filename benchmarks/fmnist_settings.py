@@ -12,7 +12,7 @@ cosine, batch 256), as lightly's CIFAR-10 benchmark uses one SGD setting for eve
 except CPC: its scores are unnormalized dot products with no temperature, so at init they
 are large (loss ~60 against log(9216) = 9.1 for chance) and SGD at lr 0.06 diverged (NaN
 at step 4; with a 1-epoch warm-up the loss passed 1e5 by step 10). CPC trains with AdamW
-at lr 4e-4 (loss down to ~15 after 30 steps), Adam being the original CPC's optimizer.
+at lr 4e-4 (loss down to ~15 after 30 steps); CPC v1 (van den Oord et al.) trained with Adam.
 
 Hyperparameters: the papers size heads for 2048-d ImageNet features; here the encoder
 gives 128-d features (resnet18_small, width 0.25), so heads shrink (solo-learn's CIFAR
