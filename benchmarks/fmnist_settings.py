@@ -24,8 +24,8 @@ the cosine schedule raises m toward 1 from there). Anything not listed is the pa
 
 BACKBONE, WIDTH = "resnet18_small", 0.25
 BUDGET_RECIPE, BUDGET_EPOCHS = "moco", 45
-OPTIMIZER_FLAGS = ("--optimizer=sgd", "--lr=0.06", "--weight_decay=5e-4", "--batch_size=256")
-OPTIMIZER_OVERRIDES = {"cpc": ("--optimizer=adamw", "--lr=4e-4")}
+OPTIMIZER = {"optimizer": "sgd", "lr": "0.06", "weight_decay": "5e-4", "batch_size": "256"}  # recipes.train flags
+OPTIMIZER_OVERRIDES = {"cpc": {"optimizer": "adamw", "lr": "4e-4"}}
 STEPS_PER_EPOCH = 60000 // 256
 
 HPARAMS = {
@@ -40,8 +40,8 @@ HPARAMS = {
 
 
 def optimizer_flags(recipe: str) -> list:
-    """recipes.train optimizer flags for `recipe` (an override comes last, so it wins)."""
-    return [*OPTIMIZER_FLAGS, *OPTIMIZER_OVERRIDES.get(recipe, ())]
+    """recipes.train optimizer flags for `recipe`: the shared ones, overridden by name."""
+    return [f"--{name}={value}" for name, value in {**OPTIMIZER, **OPTIMIZER_OVERRIDES.get(recipe, {})}.items()]
 
 
 def hparams(recipe: str, epochs: int) -> dict:

@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 
 import fmnist_settings
-from fmnist_settings import BACKBONE, WIDTH
+from fmnist_settings import BACKBONE
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", "moco", "Recipe to benchmark.")
@@ -36,11 +36,18 @@ flags.DEFINE_list("train_args", [], "Extra recipes.train flags, e.g. --train_arg
                   "(after the settings, so they win).")
 flags.DEFINE_integer("supervised_epochs", 8, "Epochs of the supervised baseline (0: skip).")
 flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs for every row.")
+flags.DEFINE_float("width", fmnist_settings.WIDTH, "Backbone width multiplier for the recipe and every "
+                   "baseline (outputs get a _w<width> suffix when it is not the default).")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where JSON, markdown and pictures go.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THROUGHPUT = "benchmarks/results/throughput_fmnist.json"
+
+
+def width_suffix():
+    """'' at the settings' width, else e.g. '_w0.5', so other widths never overwrite its results."""
+    return "" if FLAGS.width == fmnist_settings.WIDTH else f"_w{FLAGS.width:g}"
 
 
 def budget_epochs(recipe):
@@ -59,7 +66,7 @@ def train_recipe(run_dir):
     if fmnist_settings.hparams(FLAGS.recipe, epochs):
         settings.append(fmnist_settings.hparams_flag(FLAGS.recipe, epochs))
     command = [sys.executable, "-m", "recipes.train", f"--recipe={FLAGS.recipe}", "--dataset=fashion_mnist",
-               f"--backbone={BACKBONE}", f"--width={WIDTH}", f"--epochs={epochs}", f"--seed={FLAGS.seed}",
+               f"--backbone={BACKBONE}", f"--width={FLAGS.width}", f"--epochs={epochs}", f"--seed={FLAGS.seed}",
                f"--model_dir={run_dir}", "--knn_every=5", "--verbose=2", f"--probe_epochs={FLAGS.probe_epochs}",
                *settings, *FLAGS.train_args]
     print(" ".join(command[1:]), flush=True)
@@ -75,7 +82,7 @@ def supervised_encoder(train_x, train_y, epochs, seed):
     from zoo import backbones
 
     keras.utils.set_random_seed(seed)
-    encoder = backbones.build(BACKBONE, train_x.shape[1:], WIDTH)
+    encoder = backbones.build(BACKBONE, train_x.shape[1:], FLAGS.width)
     policy = ViewPolicy(crop_scale=(0.6, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
     batch = 256
     steps = len(train_x) // batch
@@ -165,7 +172,7 @@ def baseline_rows(train_x, train_y, test_x, test_y, protocol):
     from recipes import evaluate
     from zoo import backbones
 
-    key = (f"{BACKBONE} width={WIDTH} seed={FLAGS.seed} probe_epochs={FLAGS.probe_epochs} "
+    key = (f"{BACKBONE} width={FLAGS.width:g} seed={FLAGS.seed} probe_epochs={FLAGS.probe_epochs} "
            f"supervised_epochs={FLAGS.supervised_epochs}")
     path = os.path.join(FLAGS.out_dir, "quality_baselines.json")
     cache = {}
@@ -180,7 +187,7 @@ def baseline_rows(train_x, train_y, test_x, test_y, protocol):
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
     rows["raw pixels"] = evaluate_features("raw pixels", flat(train_x), train_y, flat(test_x), test_y, protocol)
     keras.utils.set_random_seed(FLAGS.seed)
-    random_encoder = backbones.build(BACKBONE, train_x.shape[1:], WIDTH)
+    random_encoder = backbones.build(BACKBONE, train_x.shape[1:], FLAGS.width)
     rows["random init"] = evaluate_features("random init", evaluate.extract_features(random_encoder, train_x), train_y,
                                             evaluate.extract_features(random_encoder, test_x), test_y, protocol)
     if FLAGS.supervised_epochs > 0:
@@ -204,7 +211,7 @@ def main(argv):
 
     from recipes import data, evaluate
 
-    run_dir = FLAGS.run_dir or f"runs/quality_{FLAGS.recipe}"
+    run_dir = FLAGS.run_dir or f"runs/quality_{FLAGS.recipe}{width_suffix()}"
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     started = time.time()
     train_recipe(run_dir)
@@ -226,9 +233,9 @@ def main(argv):
     rows = {"raw pixels": baselines["raw pixels"], "random init": baselines["random init"], name: ssl_row,
             **{k: v for k, v in baselines.items() if k.startswith("supervised")}}
 
-    prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}")
+    prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}{width_suffix()}")
     save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
-    result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": WIDTH, "run": run, "rows": rows,
+    result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": FLAGS.width, "run": run, "rows": rows,
               "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
               "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
               "benchmark_wall_time_s": round(time.time() - started, 1),
