@@ -55,7 +55,28 @@ class ViewPolicy:
 
     @classmethod
     def from_config(cls, config: dict) -> "ViewPolicy":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        return cls().updated(config)
+
+    def updated(self, overrides: dict) -> "ViewPolicy":
+        """This policy with the fields named in `overrides` replaced, the rest kept.
+
+        So `view_policy={"crop_scale": [0.5, 1]}` changes a recipe's crops and keeps the
+        rest of its paper's augmentation, instead of silently falling back to MoCo's.
+        """
+        known = [field.name for field in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown view policy field(s) {unknown}. Known: {', '.join(known)}.")
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def updated_policies(defaults: list, overrides) -> list:
+    """One policy per view: `overrides` (None, or one dict per view) applied to `defaults`."""
+    if overrides is None:
+        return list(defaults)
+    if len(overrides) != len(defaults):
+        raise ValueError(f"view_policies needs {len(defaults)} dicts (one per view), got {len(overrides)}.")
+    return [default.updated(override) for default, override in zip(defaults, overrides)]
 
 
 class GlobalDraws:

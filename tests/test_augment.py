@@ -1,6 +1,9 @@
 """Batched views: the same image gets the same view, bit for bit, on 1 or N replicas."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from recipes.augment import ViewPolicy, random_view
@@ -22,3 +25,17 @@ def test_views_are_bitwise_equal_on_one_and_two_replicas():
     per_replica = strategy.run(view, args=(halves,))
     np.testing.assert_array_equal(np.concatenate([v.numpy() for v in strategy.experimental_local_results(per_replica)]),
                                   whole)
+
+
+def test_policy_overrides_change_named_fields_and_keep_the_rest():
+    from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, updated_policies
+
+    changed = BYOL_VIEW_1.updated({"crop_scale": [0.5, 1.0]})
+    assert changed.crop_scale == (0.5, 1.0) and changed.blur_p == BYOL_VIEW_1.blur_p == 1.0
+    assert ViewPolicy.from_config(changed.to_config()) == changed  # a saved config reloads as is
+    pair = updated_policies([BYOL_VIEW_1, BYOL_VIEW_2], [{}, {"solarize_p": 0.0}])
+    assert pair == [BYOL_VIEW_1, dataclasses.replace(BYOL_VIEW_2, solarize_p=0.0)]
+    with pytest.raises(ValueError, match=r"Unknown view policy field\(s\) \['crop'\]. Known: crop_scale"):
+        BYOL_VIEW_1.updated({"crop": [0.5, 1.0]})
+    with pytest.raises(ValueError, match="needs 2 dicts"):
+        updated_policies([BYOL_VIEW_1, BYOL_VIEW_2], [{}])

@@ -227,3 +227,14 @@ def test_dino_freezes_the_prototypes_at_the_start():
         if id(v) in frozen:
             assert np.abs(g.numpy()).max() == 0
     assert any(np.abs(g.numpy()).max() > 0 for g in gradients)
+
+
+def test_dino_view_overrides_keep_the_paper_views_and_reject_unknown_views():
+    from recipes.augment import DINO_GLOBAL_2, DINO_LOCAL
+
+    dino = get_recipe_class("dino")(_encoder(), num_local_crops=1, output_dim=32, hidden_dim=16, bottleneck_dim=8,
+                                    view_policies={"local": {"crop_scale": [0.05, 0.14]}})
+    assert dino.view_policies["local"].crop_scale == (0.05, 0.14)
+    assert dino.view_policies["local"].blur_p == DINO_LOCAL.blur_p and dino.view_policies["global_2"] == DINO_GLOBAL_2
+    with pytest.raises(ValueError, match=r"Unknown DINO view\(s\) \['locals'\].*Known: global_1, global_2, local"):
+        get_recipe_class("dino")(_encoder(), view_policies={"locals": {}})

@@ -38,7 +38,7 @@ import tensorflow as tf
 from keras import layers
 
 from recipes import distribute
-from recipes.augment import CPC_PATCH, ViewPolicy, random_view
+from recipes.augment import CPC_PATCH, random_view
 from recipes.base import Recipe, register
 from recipes.heads import at_input_shape
 from recipes.losses import cpc_info_nce
@@ -114,7 +114,7 @@ class CPC(Recipe):
       context_dim: channels of the context network.
       context_blocks: residual blocks of the context network.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
-      view_policy: per-patch augmentation parameters as a dict (default `CPC_PATCH`).
+      view_policy: per-patch augmentation fields to change from `CPC_PATCH` (a dict).
       seed: augmentation seed.
     """
 
@@ -137,7 +137,7 @@ class CPC(Recipe):
         self.context_dim = int(context_dim)
         self.context_blocks = int(context_blocks)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        self.view_policy = ViewPolicy.from_config(view_policy) if view_policy else CPC_PATCH
+        self.view_policy = CPC_PATCH.updated(view_policy or {})
         latent_dim = patch_encoder.output_shape[-1]
         self.context_network = causal_context_network(latent_dim, self.context_dim, self.context_blocks)
         # W_k: one linear prediction per step k, from context to latent space.

@@ -52,7 +52,7 @@ class MoCo(Recipe):
       bn_splits: number of BatchNorm groups over the global batch (shuffle BN).
       symmetric: also swap the two views and average both losses (MoCo v3 style;
         the paper's v2 is asymmetric).
-      view_policy: augmentation parameters as a dict (default: MoCo v2's).
+      view_policy: augmentation fields to change from MoCo v2's (a dict).
       seed: augmentation / queue seed.
     """
 

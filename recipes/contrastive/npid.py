@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import NPID, ViewPolicy, random_view
+from recipes.augment import NPID, random_view
 from recipes.base import Recipe, register
 from recipes.heads import mlp
 from recipes.losses import instance_nce, instance_softmax, l2_normalize
@@ -55,7 +55,7 @@ class NPIDRecipe(Recipe):
       loss: "softmax" (exact, over all n entries) or "nce" (m noise samples).
       num_negatives: m, noise samples per step for "nce" (4096).
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
-      view_policy: augmentation parameters as a dict (default: NPID's).
+      view_policy: augmentation fields to change from NPID's (a dict).
       seed: augmentation, bank-initialization and noise seed.
     """
 
@@ -73,7 +73,7 @@ class NPIDRecipe(Recipe):
         self.loss_type = loss
         self.num_negatives = int(num_negatives)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        self.view_policy = ViewPolicy.from_config(view_policy) if view_policy else NPID
+        self.view_policy = NPID.updated(view_policy or {})
         # The paper's head: a single linear layer to 128-d, then L2 normalization.
         self.head = mlp(0, self.feature_dim, num_layers=1, name="embedding_head")
         self.head.build((None, encoder.output_shape[-1]))

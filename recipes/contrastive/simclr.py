@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import SIMCLR, ViewPolicy, random_view
+from recipes.augment import SIMCLR, random_view
 from recipes.base import Recipe, register
 from recipes.heads import mlp
 from recipes.losses import nt_xent
@@ -37,7 +37,7 @@ class SimCLR(Recipe):
       temperature: T of NT-Xent (0.5 on CIFAR-size batches, 0.1 for ImageNet at 4096).
       projection_dim, hidden_dim: projection head g(.) sizes (128, 2048 in the paper).
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
-      view_policy: augmentation parameters as a dict (default: SimCLR's, strength 1).
+      view_policy: augmentation fields to change from SimCLR's (strength 1; a dict).
       seed: augmentation seed.
     """
 
@@ -48,7 +48,7 @@ class SimCLR(Recipe):
         self.projection_dim = int(projection_dim)
         self.hidden_dim = int(hidden_dim)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        self.view_policy = ViewPolicy.from_config(view_policy) if view_policy else SIMCLR
+        self.view_policy = SIMCLR.updated(view_policy or {})
         self.head = mlp(self.hidden_dim, self.projection_dim, batch_norm=True, last_batch_norm=True,
                         name="projection_head")
         self.head.build((None, encoder.output_shape[-1]))

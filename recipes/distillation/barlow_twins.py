@@ -25,7 +25,7 @@ Projector: three linear layers of 8192 units, BN + ReLU after the first two (sec
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, ViewPolicy, random_view
+from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, random_view, updated_policies
 from recipes.base import Recipe, register
 from recipes.heads import mlp
 from recipes.losses import barlow_twins_loss
@@ -43,7 +43,7 @@ class BarlowTwins(Recipe):
       bn_splits: BatchNorm groups over the global batch for the encoder and
         projector; None = one per replica. (The embedding normalization inside the
         loss is always over the global batch.)
-      view_policies: the two views' augmentation parameters as a list of two dicts.
+      view_policies: two dicts, fields to change in each view's augmentation (BYOL's).
       seed: augmentation seed.
     """
 
@@ -54,8 +54,7 @@ class BarlowTwins(Recipe):
         self.projection_dim = int(projection_dim)
         self.hidden_dim = int(hidden_dim)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        self.view_policies = ([ViewPolicy.from_config(p) for p in view_policies] if view_policies
-                              else [BYOL_VIEW_1, BYOL_VIEW_2])
+        self.view_policies = updated_policies([BYOL_VIEW_1, BYOL_VIEW_2], view_policies)
         self.projector = mlp(self.hidden_dim, self.projection_dim, num_layers=3, batch_norm=True, name="projector")
         self.projector.build((None, encoder.output_shape[-1]))
 

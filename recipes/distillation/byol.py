@@ -25,7 +25,7 @@ import math
 import keras
 import tensorflow as tf
 
-from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, ViewPolicy, random_view
+from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, random_view, updated_policies
 from recipes.base import Recipe, copy_as_target, register
 from recipes.heads import mlp
 from recipes.losses import byol_loss
@@ -53,8 +53,8 @@ class BYOL(Recipe):
       momentum_base: tau_base (0.996; 0.99 is common for short CIFAR runs).
       projection_dim, hidden_dim: projector and predictor sizes (256, 4096).
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
-      view_policies: the two views' augmentation parameters as a list of two dicts
-        (default BYOL's asymmetric pair).
+      view_policies: two dicts, fields to change in each view's augmentation
+        (from BYOL's asymmetric pair).
       seed: augmentation seed.
     """
 
@@ -68,8 +68,7 @@ class BYOL(Recipe):
         self.projection_dim = int(projection_dim)
         self.hidden_dim = int(hidden_dim)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        self.view_policies = ([ViewPolicy.from_config(p) for p in view_policies] if view_policies
-                              else [BYOL_VIEW_1, BYOL_VIEW_2])
+        self.view_policies = updated_policies([BYOL_VIEW_1, BYOL_VIEW_2], view_policies)
         feature_dim = encoder.output_shape[-1]
         self.projector = mlp(self.hidden_dim, self.projection_dim, batch_norm=True, name="projector")
         self.predictor = mlp(self.hidden_dim, self.projection_dim, batch_norm=True, name="predictor")

@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, ViewPolicy, random_view
+from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, random_view
 from recipes.base import Recipe, copy_as_target, register
 from recipes.distillation.byol import cosine_momentum
 from recipes.heads import at_input_shape, dino_head
@@ -70,7 +70,7 @@ class DINO(Recipe):
         least 8 pixels.
       freeze_last_layer_steps: steps during which the prototypes layer is not updated.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
-      view_policies: dict of "global_1", "global_2", "local" augmentation dicts.
+      view_policies: {"global_1"|"global_2"|"local": fields to change in that view}.
       seed: augmentation seed.
     """
 
@@ -98,8 +98,10 @@ class DINO(Recipe):
         self.freeze_last_layer_steps = int(freeze_last_layer_steps)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
         policies = {"global_1": DINO_GLOBAL_1, "global_2": DINO_GLOBAL_2, "local": DINO_LOCAL}
-        policies.update({k: ViewPolicy.from_config(v) for k, v in (view_policies or {}).items()})
-        self.view_policies = policies
+        unknown = sorted(set(view_policies or {}) - set(policies))
+        if unknown:
+            raise ValueError(f"Unknown DINO view(s) {unknown} in view_policies. Known: {', '.join(policies)}.")
+        self.view_policies = {k: policy.updated((view_policies or {}).get(k, {})) for k, policy in policies.items()}
 
         self.head = dino_head(self.output_dim, self.hidden_dim, self.bottleneck_dim, name="student_head")
         self.head.build((None, encoder.output_shape[-1]))
