@@ -77,16 +77,25 @@ class WeightNormDense(layers.Layer):
 
 
 def dino_head(output_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-              num_layers: int = 3, norm_last_layer: bool = True, name: str = "dino_head") -> keras.Sequential:
+              num_layers: int = 3, norm_last_layer: bool = True, batch_norm: bool = False,
+              name: str = "dino_head") -> keras.Sequential:
     """DINO's projection head (Caron et al. 2021, sec. 3.1 and fig. 9).
 
-    A `num_layers` MLP (hidden 2048, GELU, no BN) down to a 256-d bottleneck,
-    L2 normalization, then a weight-normalized linear layer to K = `output_dim`
-    prototypes. Without BN the head is the same function on any batch split.
+    A `num_layers` MLP (hidden 2048, GELU) down to a 256-d bottleneck, L2
+    normalization, then a weight-normalized linear layer to K = `output_dim`
+    prototypes. The paper's ViT head has no BN; `batch_norm=True` puts BN after each
+    hidden linear layer (the paper code's `use_bn_in_head`), which a ResNet needs when
+    its pooled features all point the same way (post-ReLU means dominate): BN removes
+    that shared direction, so different images reach different prototypes from init.
     """
     blocks = []
     for i in range(num_layers - 1):
-        blocks.append(layers.Dense(hidden_dim, activation="gelu", name=f"{name}_dense{i + 1}"))
+        if batch_norm:
+            blocks.append(layers.Dense(hidden_dim, use_bias=False, name=f"{name}_dense{i + 1}"))
+            blocks.append(layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn{i + 1}"))
+            blocks.append(layers.Activation("gelu", name=f"{name}_gelu{i + 1}"))
+        else:
+            blocks.append(layers.Dense(hidden_dim, activation="gelu", name=f"{name}_dense{i + 1}"))
     blocks.append(layers.Dense(bottleneck_dim, name=f"{name}_bottleneck"))
     blocks.append(layers.UnitNormalization(axis=-1, name=f"{name}_l2"))
     blocks.append(WeightNormDense(output_dim, fixed_norm=norm_last_layer, name=f"{name}_prototypes"))

@@ -196,10 +196,11 @@ def _dino(**config):
                   teacher_temperature_warmup_steps=10, **config)
 
 
-def test_dino_one_vs_two_replicas_centre_teacher_and_learning():
+@pytest.mark.parametrize("head_batch_norm", [False, True])
+def test_dino_one_vs_two_replicas_centre_teacher_and_learning(head_batch_norm):
     batch = {"image": _images(16)}
     recipe, _ = compare_one_vs_two_replicas(
-        _dino(), batch,
+        _dino(head_batch_norm=head_batch_norm), batch,
         state_fn=lambda r: [r.center.value] + [w.value for w in r.teacher_head.trainable_weights] + _trainables(r))
     assert recipe.local_crop_size == 8 and np.abs(recipe.center.numpy()).max() > 0
     # The student learns toward fixed targets only when teacher and centre hold still
@@ -216,6 +217,21 @@ def test_dino_schedules_and_weight_normalized_prototypes():
     columns = layer(np.eye(3, dtype="float32")).numpy()  # rows of the effective weight
     np.testing.assert_allclose(np.linalg.norm(columns, axis=0), 1.0, rtol=1e-5)
     assert not layer.magnitude.trainable
+
+
+def test_dino_head_batch_norm_spreads_images_that_share_one_feature_direction():
+    """Pooled post-ReLU features of a fresh ResNet are nearly parallel; without BN every
+    image then gets almost the same prototype logits (a uniform teacher, nothing to learn)."""
+    from recipes.heads import dino_head
+
+    rng = np.random.RandomState(0)
+    features = (5.0 * np.abs(rng.randn(1, 32)) + 0.05 * rng.randn(64, 32)).astype("float64")
+    spread = {}
+    for batch_norm in (False, True):
+        keras.utils.set_random_seed(0)
+        logits = dino_head(64, 32, 16, batch_norm=batch_norm)(features, training=True).numpy()
+        spread[batch_norm] = logits.std(axis=0).mean()
+    assert spread[True] > 5 * spread[False], spread
 
 
 def test_dino_freezes_the_prototypes_at_the_start():

@@ -69,6 +69,8 @@ class DINO(Recipe):
       local_crop_size: side of the local views; None = 96/224 of the image side, at
         least 8 pixels.
       freeze_last_layer_steps: steps during which the prototypes layer is not updated.
+      head_batch_norm: BN after the head's hidden layers (the paper code's
+        `use_bn_in_head`, off for ViTs); see `heads.dino_head` for when a ResNet needs it.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
       view_policies: {"global_1"|"global_2"|"local": fields to change in that view}.
       seed: augmentation seed.
@@ -79,8 +81,8 @@ class DINO(Recipe):
     def __init__(self, encoder, total_steps=None, momentum_base=0.996, output_dim=65536, hidden_dim=2048,
                  bottleneck_dim=256, student_temperature=0.1, warmup_teacher_temperature=0.04,
                  teacher_temperature=0.07, teacher_temperature_warmup_steps=0, center_momentum=0.9,
-                 num_local_crops=8, local_crop_size=None, freeze_last_layer_steps=0, bn_splits=None,
-                 view_policies=None, seed=0, **kwargs):
+                 num_local_crops=8, local_crop_size=None, freeze_last_layer_steps=0, head_batch_norm=False,
+                 bn_splits=None, view_policies=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.momentum_base = float(momentum_base)
@@ -96,6 +98,7 @@ class DINO(Recipe):
         height, width, channels = encoder.input_shape[1:]
         self.local_crop_size = int(local_crop_size or max(8, round(min(height, width) * 96 / 224)))
         self.freeze_last_layer_steps = int(freeze_last_layer_steps)
+        self.head_batch_norm = bool(head_batch_norm)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
         policies = {"global_1": DINO_GLOBAL_1, "global_2": DINO_GLOBAL_2, "local": DINO_LOCAL}
         unknown = sorted(set(view_policies or {}) - set(policies))
@@ -103,7 +106,8 @@ class DINO(Recipe):
             raise ValueError(f"Unknown DINO view(s) {unknown} in view_policies. Known: {', '.join(policies)}.")
         self.view_policies = {k: policy.updated((view_policies or {}).get(k, {})) for k, policy in policies.items()}
 
-        self.head = dino_head(self.output_dim, self.hidden_dim, self.bottleneck_dim, name="student_head")
+        self.head = dino_head(self.output_dim, self.hidden_dim, self.bottleneck_dim,
+                              batch_norm=self.head_batch_norm, name="student_head")
         self.head.build((None, encoder.output_shape[-1]))
         self.local_encoder = at_input_shape(encoder, (self.local_crop_size, self.local_crop_size, channels))
         self.teacher_encoder = copy_as_target(encoder)
@@ -121,7 +125,7 @@ class DINO(Recipe):
                 "teacher_temperature_warmup_steps": self.teacher_temperature_warmup_steps,
                 "center_momentum": self.center_momentum, "num_local_crops": self.num_local_crops,
                 "local_crop_size": self.local_crop_size, "freeze_last_layer_steps": self.freeze_last_layer_steps,
-                "bn_splits": self.bn_splits,
+                "head_batch_norm": self.head_batch_norm, "bn_splits": self.bn_splits,
                 "view_policies": {k: v.to_config() for k, v in self.view_policies.items()}}
 
     @property
