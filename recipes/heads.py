@@ -84,9 +84,10 @@ def dino_head(output_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: i
     A `num_layers` MLP (hidden 2048, GELU) down to a 256-d bottleneck, L2
     normalization, then a weight-normalized linear layer to K = `output_dim`
     prototypes. The paper's ViT head has no BN; `batch_norm=True` puts BN after each
-    hidden linear layer (the paper code's `use_bn_in_head`), which a ResNet needs when
-    its pooled features all point the same way (post-ReLU means dominate): BN removes
-    that shared direction, so different images reach different prototypes from init.
+    hidden linear layer (the paper code's `use_bn_in_head`), for encoders whose pooled
+    features all point the same way, as a fresh ResNet's do (post-ReLU means dominate):
+    BN removes that shared direction, so different images reach different prototypes
+    from init (benchmarks/dino_teacher_at_init.py measures it).
     """
     blocks = []
     for i in range(num_layers - 1):

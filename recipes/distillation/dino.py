@@ -70,7 +70,7 @@ class DINO(Recipe):
         least 8 pixels.
       freeze_last_layer_steps: steps during which the prototypes layer is not updated.
       head_batch_norm: BN after the head's hidden layers (the paper code's
-        `use_bn_in_head`, off for ViTs); see `heads.dino_head` for when a ResNet needs it.
+        `use_bn_in_head`, off for ViTs); see `heads.dino_head` for why a ResNet may want it.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
       view_policies: {"global_1"|"global_2"|"local": fields to change in that view}.
       seed: augmentation seed.
