@@ -6,7 +6,8 @@ Trains the recipe with `recipes.train` (or reuses a finished run in --run_dir) w
 settings of benchmarks/fmnist_settings.py: MoCo's time budget (the epochs follow from the
 measured throughputs), one optimizer, heads sized for 28-px images. Then it reports on
 the Fashion-MNIST test split, with one protocol for every row:
-  * weighted kNN (k=200, T=0.1, memory = the 60k training images) and
+  * weighted kNN (k=200, T=0.1, memory = the 60k training images), for the recipe also on
+    its embedding (projection-head output, from the run's metrics.json), and
   * a linear probe (AdamW, standardized frozen features)
 for: raw pixels, a randomly initialised encoder, the self-supervised encoder, and a
 supervised encoder of the same architecture (cross-entropy with labels, flips and
@@ -25,6 +26,7 @@ import time
 from absl import app, flags
 
 import fmnist_settings
+import quality_table
 from fmnist_settings import BACKBONE
 
 FLAGS = flags.FLAGS
@@ -218,7 +220,8 @@ def main(argv):
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
     with open(os.path.join(run_dir, "metrics.json")) as f:
-        train_metrics = json.load(f).get("train", {})
+        run_metrics = json.load(f)
+    train_metrics = run_metrics.get("train", {})
 
     train_x, train_y = data.load_arrays("fashion_mnist", "train")
     test_x, test_y = data.load_arrays("fashion_mnist", "test")
@@ -230,6 +233,8 @@ def main(argv):
     name = f"{FLAGS.recipe} ({run['epochs']} epochs)"
     ssl_row = evaluate_features(name, evaluate.extract_features(encoder, train_x), train_y, ssl_test_features,
                                 test_y, {**protocol, "pretrain_epochs": run["epochs"]})
+    if "knn_embedding" in run_metrics:  # the run's own kNN on its projection-head output, same k, T and memory
+        ssl_row["knn_embedding"] = run_metrics["knn_embedding"]
     rows = {"raw pixels": baselines["raw pixels"], "random init": baselines["random init"], name: ssl_row,
             **{k: v for k, v in baselines.items() if k.startswith("supervised")}}
 
@@ -242,8 +247,10 @@ def main(argv):
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
     with open(prefix + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    table = ["| encoder | kNN (k=200, T=0.1) | linear probe |", "|---|---|---|"]
-    table += [f"| {k} | {v['knn']['accuracy']:.4f} | {v['linear_probe']['accuracy']:.4f} |" for k, v in rows.items()]
+    table = ["| encoder | kNN (k=200, T=0.1) | kNN on the embedding (head output) | linear probe |",
+             "|---|---|---|---|"]
+    table += [f"| {k} | {v['knn']['accuracy']:.4f} | {quality_table.embedding_accuracy(v)} | {v['linear_probe']['accuracy']:.4f} |"
+              for k, v in rows.items()]
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))

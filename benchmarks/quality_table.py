@@ -4,8 +4,9 @@
 
 Reads benchmarks/results/quality_<recipe>.json (written by benchmarks/quality.py) and
 throughput_fmnist.json, and writes benchmarks/results/quality_table.md: per recipe the
-epochs it got within MoCo's time budget, kNN (k=200, T=0.1) and linear-probe accuracy
-on the test split, the kNN gain over the random-init encoder, train-step images/sec,
+epochs it got within MoCo's time budget, kNN (k=200, T=0.1) on the encoder's features
+and on the recipe's embedding (projection-head output, InstDisc's protocol), linear-probe
+accuracy on the test split, the kNN gain over the random-init encoder, train-step images/sec,
 and the command that produced the row. Recipes not run yet are listed as such.
 """
 
@@ -16,6 +17,11 @@ import sys
 import fmnist_settings
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def embedding_accuracy(row) -> str:
+    """kNN on a recipe's embedding (its projection-head output); blank for rows without one."""
+    return f"{row['knn_embedding']['accuracy']:.4f}" if "knn_embedding" in row else ""
 
 
 def load(name):
@@ -41,21 +47,23 @@ def main():
                 sys.exit(f"{run['recipe']}'s {name!r} row differs from {finished[0]['recipe']}'s: rerun it.")
     random_knn = baselines["random init"]["knn"]["accuracy"]
 
-    lines = ["| encoder | epochs | kNN (k=200, T=0.1) | kNN vs random init (points) | linear probe | train img/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| encoder | epochs | kNN (k=200, T=0.1) | kNN vs random init (points) | kNN on the embedding "
+             "(head output) | linear probe | train img/s |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in baselines.items():
         knn = row["knn"]["accuracy"]
-        lines.append(f"| {name} | | {knn:.4f} | {(knn - random_knn) * 100:+.1f} | "
+        lines.append(f"| {name} | | {knn:.4f} | {(knn - random_knn) * 100:+.1f} | | "
                      f"{row['linear_probe']['accuracy']:.4f} | |")
     commands = []
     for recipe, run in runs.items():
         if run is None:
-            lines.append(f"| {recipe} | not run yet | | | | {throughput.get(recipe, '')} |")
+            lines.append(f"| {recipe} | not run yet | | | | | {throughput.get(recipe, '')} |")
             continue
         row = next(v for k, v in run["rows"].items() if k.startswith(f"{recipe} ("))
         knn = row["knn"]["accuracy"]
         lines.append(f"| **{recipe}** | {run['run']['epochs']} | {knn:.4f} | {(knn - random_knn) * 100:+.1f} | "
-                     f"{row['linear_probe']['accuracy']:.4f} | {throughput.get(recipe, '')} |")
+                     f"{embedding_accuracy(row)} | {row['linear_probe']['accuracy']:.4f} | "
+                     f"{throughput.get(recipe, '')} |")
         commands.append(f"- {recipe}: `{run['run'].get('command', '')}`, then `{run['command']}`")
     text = "\n".join(lines + ["", "Commands:", *commands]) + "\n"
     with open(os.path.join(RESULTS, "quality_table.md"), "w") as f:

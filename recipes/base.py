@@ -124,6 +124,15 @@ class Recipe(keras.Model):
                     values.append(m * w_target.value + (1.0 - m) * w_online.value)
         distribute.assign_synced(targets, values)
 
+    def embedding_head(self):
+        """Encoder features -> the embedding the loss compares (MoCo's 128-d projection), or None.
+
+        InstDisc's kNN protocol (Wu et al. 2018) classifies with that L2-normalized
+        embedding, so runs report kNN on it beside kNN on the encoder's pooled features
+        (what the zoo publishes). Recipes without such an embedding (CPC) return None.
+        """
+        return None
+
     # ---- what the optimizer updates -----------------------------------------
     def target_models(self) -> list:
         """Sub-models updated without gradients (EMA targets); overridden by such recipes.

@@ -5,6 +5,9 @@
   takes its k most cosine-similar training images, each voting for its class with
   weight exp(similarity / T); k=200, T=0.1 by default. No training, so it measures
   the representation and not an optimizer.
+  InstDisc classified with its 128-d embedding, the vector the loss compares; a
+  recipe's `embedding_head()` gives that vector, and runs report kNN on it
+  (`knn_embedding`) beside kNN on the encoder's pooled features (`knn`).
 * Linear probe: a softmax classifier trained on frozen, standardized features.
 
 Every result carries its protocol (dataset/split, k and T or probe settings, seed)
@@ -91,13 +94,32 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
                          **(protocol or {})}}
 
 
+def head_features(head, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """`head` (e.g. a projection MLP) applied to precomputed encoder features, in inference mode."""
+    outputs = [np.asarray(head(tf.constant(features[i : i + batch_size]), training=False))
+               for i in range(0, len(features), batch_size)]
+    return np.concatenate(outputs, axis=0).astype(np.float32)
+
+
+EMBEDDING_FEATURES = "l2-normalized embedding: the recipe's projection-head output (InstDisc protocol)"
+
+
 def evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
-                     knn_k=200, knn_temperature=0.1, probe_epochs=100, seed=0, protocol=None) -> dict:
-    """kNN and linear probe of a frozen encoder; the metrics.json block of a run."""
+                     knn_k=200, knn_temperature=0.1, probe_epochs=100, seed=0, protocol=None,
+                     embedding_head=None) -> dict:
+    """kNN and linear probe of a frozen encoder; the metrics.json block of a run.
+
+    With `embedding_head`, also kNN on the head's output (`knn_embedding`).
+    """
     train_features = extract_features(encoder, train_images)
     test_features = extract_features(encoder, test_images)
     results = {"knn": knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
                                    knn_k, knn_temperature, protocol)}
+    if embedding_head is not None:
+        results["knn_embedding"] = knn_accuracy(
+            head_features(embedding_head, train_features), train_labels,
+            head_features(embedding_head, test_features), test_labels, num_classes, knn_k, knn_temperature,
+            {**(protocol or {}), "features": EMBEDDING_FEATURES})
     if probe_epochs > 0:
         results["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
                                                num_classes, epochs=probe_epochs, seed=seed, protocol=protocol)
@@ -105,7 +127,8 @@ def evaluate_encoder(encoder, train_images, train_labels, test_images, test_labe
 
 
 class KnnMonitor(keras.callbacks.Callback):
-    """Logs kNN accuracy on a held-out split every `every` epochs (as `val_knn`)."""
+    """Logs kNN accuracy on a held-out split every `every` epochs (`val_knn`; `val_knn_embedding`
+    on the recipe's embedding when it has one)."""
 
     def __init__(self, train_images, train_labels, test_images, test_labels, num_classes,
                  every=1, k=200, temperature=0.1):
@@ -117,9 +140,18 @@ class KnnMonitor(keras.callbacks.Callback):
         if self.every <= 0 or (epoch + 1) % self.every:
             return
         train_x, train_y, test_x, test_y = self.data
-        encoder = self.model.encoder
-        result = knn_accuracy(extract_features(encoder, train_x), train_y, extract_features(encoder, test_x),
-                              test_y, self.num_classes, self.k, self.temperature)
+        train_features = extract_features(self.model.encoder, train_x)
+        test_features = extract_features(self.model.encoder, test_x)
+        accuracies = {"val_knn": knn_accuracy(train_features, train_y, test_features, test_y, self.num_classes,
+                                              self.k, self.temperature)["accuracy"]}
+        head = self.model.embedding_head()
+        if head is not None:
+            accuracies["val_knn_embedding"] = knn_accuracy(
+                head_features(head, train_features), train_y, head_features(head, test_features), test_y,
+                self.num_classes, self.k, self.temperature)["accuracy"]
         if logs is not None:
-            logs["val_knn"] = result["accuracy"]
-        print(f"\nepoch {epoch + 1}: kNN (k={self.k}, T={self.temperature}) on held-out = {result['accuracy']:.4f}")
+            logs.update(accuracies)
+        embedding = (f", embedding = {accuracies['val_knn_embedding']:.4f}"
+                     if "val_knn_embedding" in accuracies else "")
+        print(f"\nepoch {epoch + 1}: kNN (k={self.k}, T={self.temperature}) on held-out = "
+              f"{accuracies['val_knn']:.4f}{embedding}")

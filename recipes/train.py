@@ -6,7 +6,8 @@ What a run leaves in --model_dir:
   logs/          TensorBoard scalars;
   encoder.keras  the pretrained encoder (what the zoo publishes);
   run.json       recipe, its config, backbone, data, schedule, strategy, timing;
-  metrics.json   kNN and linear probe on the test split, each with its protocol.
+  metrics.json   kNN (encoder features and, where the recipe has one, its embedding) and
+                 linear probe on the test split, each with its protocol.
 
 The data order is a function of (seed, epoch) only, so a resumed run sees the
 same batches as an uninterrupted one.
@@ -203,10 +204,11 @@ def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
-            timing["train_seconds"] += time.time() - timing["epoch_start"]
+            timing["epoch_seconds"].append(time.time() - timing["epoch_start"])
             timing["epoch"] = epoch + 1
             if self.diverged_at is None:
                 checkpoint.save(epoch + 1)
+                save_epoch_seconds(model_dir, timing["epoch_seconds"])
 
     guard = Guard()
     callbacks = [guard, keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch")]
@@ -215,6 +217,32 @@ def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
 
         callbacks.append(KnnMonitor(*knn_data, num_classes=num_classes, every=FLAGS.knn_every))
     return guard, callbacks
+
+
+def _read_json(path) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _epoch_seconds_path(model_dir):
+    return os.path.join(model_dir, "checkpoints", "epoch_seconds.json")
+
+
+def save_epoch_seconds(model_dir, epoch_seconds):
+    """Written beside each checkpoint, so a resumed run still knows how long its earlier epochs took."""
+    with open(_epoch_seconds_path(model_dir), "w") as f:
+        json.dump([round(s, 2) for s in epoch_seconds], f)
+
+
+def load_epoch_seconds(model_dir, epochs_done) -> list:
+    """Durations of the epochs before the checkpoint being resumed (fewer for runs older than the record)."""
+    path = _epoch_seconds_path(model_dir)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [float(s) for s in json.load(f)][:epochs_done]
 
 
 def run_facts(strategy, train_images) -> dict:
@@ -334,7 +362,9 @@ def train(argv=None) -> dict:
 
     run_info = {**run_facts(strategy, train_images), "recipe_config": recipe.get_config(),
                 "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps}
-    timing = {"train_seconds": 0.0, "epoch": initial_epoch, "epoch_start": time.time()}
+    timing = {"epoch_seconds": load_epoch_seconds(model_dir, initial_epoch), "epoch": initial_epoch,
+              "epoch_start": time.time()}
+    previous_run = _read_json(os.path.join(model_dir, "run.json"))
     knn_data = None
     if FLAGS.knn_every > 0:
         monitor = np.random.RandomState(FLAGS.seed).permutation(len(train_images))[:FLAGS.knn_monitor_size]
@@ -357,19 +387,27 @@ def train(argv=None) -> dict:
             f"checkpoint (epoch {epoch}) is kept in {os.path.join(model_dir, 'checkpoints')}. Lower --lr or "
             f"check the recipe hyperparameters, then rerun the same command to resume.")
 
-    trained_epochs = timing["epoch"] - initial_epoch
-    run_info["wall_time_s"] = round(timing["train_seconds"], 2)
-    run_info["images_per_sec"] = round(trained_epochs * steps * FLAGS.batch_size / timing["train_seconds"], 1) \
-        if timing["train_seconds"] > 0 else None
+    epoch_seconds = timing["epoch_seconds"]
+    if len(epoch_seconds) < timing["epoch"] and previous_run.get("wall_time_s"):
+        # Epochs trained before per-epoch times were recorded: keep the time the finished run reported.
+        run_info.update({k: previous_run.get(k) for k in ("wall_time_s", "images_per_sec", "epoch_seconds")})
+    else:
+        run_info["wall_time_s"] = round(sum(epoch_seconds), 2)
+        run_info["images_per_sec"] = round(len(epoch_seconds) * steps * FLAGS.batch_size / sum(epoch_seconds), 1) \
+            if epoch_seconds else None
+        run_info["epoch_seconds"] = [round(s, 2) for s in epoch_seconds]
     protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
                 "pretrain_epochs": FLAGS.epochs, "seed": FLAGS.seed}
     metrics = evaluate.evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
-                                        probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol)
+                                        probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol,
+                                        embedding_head=recipe.embedding_head())
     metrics["train"] = {"wall_time_s": run_info["wall_time_s"], "images_per_sec": run_info["images_per_sec"]}
     write_outputs(chief, model_dir, encoder, run_info, metrics)
     knn = metrics["knn"]["accuracy"]
     probe = metrics.get("linear_probe", {}).get("accuracy")
+    embedding = metrics.get("knn_embedding", {}).get("accuracy")
     print(f"kNN accuracy (k=200, T=0.1, {FLAGS.dataset} {FLAGS.test_split}): {knn:.4f}"
+          + (f"; on the embedding (head output): {embedding:.4f}" if embedding is not None else "")
           + (f"; linear probe: {probe:.4f}" if probe is not None else ""))
     return {"run": run_info, "metrics": metrics}
 

@@ -54,3 +54,34 @@ def test_linear_probe_learns_linearly_separable_classes_and_not_noise():
     chance = evaluate.linear_probe(features[:500], noise_labels[:500], features[500:], noise_labels[500:], 2, learning_rate=0.05,
                                    epochs=30)
     assert chance["accuracy"] < 0.7
+
+
+def test_evaluate_encoder_reports_knn_on_the_embedding_head():
+    """Features: 2 noise dims + 2 class dims. A head keeping the class dims must score high, one
+    keeping the noise dims near chance, so the reported number is the head's, with its protocol."""
+    import keras
+
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 2, 400)
+    centres = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    features = np.concatenate([rng.normal(size=(400, 2)), centres[labels] + 0.3 * rng.normal(size=(400, 2))],
+                              axis=1).astype("float32")
+    encoder = keras.Sequential([keras.Input((4,)), keras.layers.Identity()])
+
+    def head(keep):
+        layer = keras.layers.Dense(2, use_bias=False)
+        layer.build((None, 4))
+        layer.set_weights([np.eye(4, dtype="float32")[:, keep]])
+        return layer
+
+    def evaluate_with(keep):
+        return evaluate.evaluate_encoder(encoder, features[:300], labels[:300], features[300:], labels[300:], 2,
+                                         knn_k=20, probe_epochs=0, embedding_head=head(keep))
+
+    on_class_dims, on_noise_dims = evaluate_with([2, 3]), evaluate_with([0, 1])
+    assert on_class_dims["knn_embedding"]["accuracy"] > 0.95
+    assert on_noise_dims["knn_embedding"]["accuracy"] < 0.7
+    assert on_class_dims["knn"]["accuracy"] == on_noise_dims["knn"]["accuracy"]  # encoder features unchanged
+    assert "projection-head output" in on_class_dims["knn_embedding"]["protocol"]["features"]
+    assert "knn_embedding" not in evaluate.evaluate_encoder(encoder, features, labels, features, labels, 2,
+                                                            knn_k=20, probe_epochs=0)

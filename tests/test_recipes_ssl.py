@@ -254,3 +254,28 @@ def test_dino_view_overrides_keep_the_paper_views_and_reject_unknown_views():
     assert dino.view_policies["local"].blur_p == DINO_LOCAL.blur_p and dino.view_policies["global_2"] == DINO_GLOBAL_2
     with pytest.raises(ValueError, match=r"Unknown DINO view\(s\) \['locals'\].*Known: global_1, global_2, local"):
         get_recipe_class("dino")(_encoder(), view_policies={"locals": {}})
+
+
+@pytest.mark.parametrize("name, config", [
+    ("moco", {"queue_size": 32, "projection_dim": 24, "hidden_dim": 32}),
+    ("simclr", {"projection_dim": 24, "hidden_dim": 32}),
+    ("npid", {"dataset_size": 64, "feature_dim": 24}),
+    ("byol", {"projection_dim": 24, "hidden_dim": 32}),
+    ("barlow_twins", {"projection_dim": 24, "hidden_dim": 32}),
+    ("dino", {"bottleneck_dim": 24, "hidden_dim": 32, "output_dim": 64, "num_local_crops": 2}),
+])
+def test_embedding_head_is_the_online_projection_the_loss_compares(name, config):
+    recipe = get_recipe_class(name)(_encoder(), **config)
+    head = recipe.embedding_head()
+    embedding = head(recipe.encoder(_images(4)), training=False)
+    assert embedding.shape == (4, 24)
+    # The trained online head, not an EMA target copy (those are excluded from the optimizer).
+    optimized = {id(v) for v in recipe.optimized_variables}
+    assert head.trainable_variables and all(id(v) in optimized for v in head.trainable_variables)
+    if name == "dino":  # the bottleneck, L2-normalized, without the prototype layer
+        assert not any(isinstance(layer, WeightNormDense) for layer in head.layers)
+        np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-6)
+
+
+def test_cpc_has_no_embedding_head():
+    assert _cpc()().embedding_head() is None

@@ -79,6 +79,12 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(data_dir,
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     metrics = json.loads((interrupted_dir / "metrics.json").read_text())
     assert metrics["knn"]["protocol"]["k"] == 200
+    # The epochs trained before the kill still count in the run's time.
+    run = json.loads((interrupted_dir / "run.json").read_text())
+    assert len(run["epoch_seconds"]) == 3 and min(run["epoch_seconds"]) > 0
+    assert run["wall_time_s"] == pytest.approx(sum(run["epoch_seconds"]), abs=0.05)
+    assert metrics["knn_embedding"]["protocol"]["k"] == 200  # MoCo's 128-d projection, InstDisc's protocol
+    assert 0.0 <= metrics["knn_embedding"]["accuracy"] <= 1.0
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):

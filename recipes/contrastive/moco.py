@@ -82,6 +82,9 @@ class MoCo(Recipe):
                 "hidden_dim": self.hidden_dim, "bn_splits": self.bn_splits,
                 "symmetric": self.symmetric, "view_policy": self.view_policy.to_config()}
 
+    def embedding_head(self):
+        return self.head
+
     def target_models(self):
         return [self.key_encoder, self.key_head]
 

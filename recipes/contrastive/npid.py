@@ -89,6 +89,9 @@ class NPIDRecipe(Recipe):
         # Listed explicitly: without it Keras does not report the base's loss tracker.
         return [self.loss_tracker]
 
+    def embedding_head(self):
+        return self.head
+
     def get_config(self):
         return {**super().get_config(), "dataset_size": self.dataset_size, "feature_dim": self.feature_dim,
                 "temperature": self.temperature, "bank_momentum": self.bank_momentum, "loss": self.loss_type,

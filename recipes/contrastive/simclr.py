@@ -54,6 +54,9 @@ class SimCLR(Recipe):
         self.head.build((None, encoder.output_shape[-1]))
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_acc")
 
+    def embedding_head(self):
+        return self.head
+
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature, "projection_dim": self.projection_dim,
                 "hidden_dim": self.hidden_dim, "bn_splits": self.bn_splits,

@@ -63,6 +63,9 @@ class BarlowTwins(Recipe):
         # Listed explicitly: without it Keras does not report the base's loss tracker.
         return [self.loss_tracker]
 
+    def embedding_head(self):
+        return self.projector
+
     def get_config(self):
         return {**super().get_config(), "lambda_offdiag": self.lambda_offdiag,
                 "projection_dim": self.projection_dim, "hidden_dim": self.hidden_dim, "bn_splits": self.bn_splits,

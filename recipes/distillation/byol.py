@@ -87,6 +87,9 @@ class BYOL(Recipe):
     def metrics(self):
         return [self.loss_tracker, self.momentum_tracker]
 
+    def embedding_head(self):
+        return self.projector
+
     def target_models(self):
         return [self.target_encoder, self.target_projector]
 

@@ -132,6 +132,10 @@ class DINO(Recipe):
     def metrics(self):
         return [self.loss_tracker, self.temperature_tracker]
 
+    def embedding_head(self):
+        """The head up to its L2-normalized bottleneck: the prototypes are a classifier, not an embedding."""
+        return keras.Sequential(self.head.layers[:-1], name="dino_embedding")
+
     def target_models(self):
         return [self.teacher_encoder, self.teacher_head]
 
