@@ -29,7 +29,10 @@ OPTIMIZER_OVERRIDES = {"cpc": {"optimizer": "adamw", "lr": "4e-4"}}
 STEPS_PER_EPOCH = 60000 // 256
 
 HPARAMS = {
-    "moco": {"queue_size": 4096, "momentum": 0.99, "temperature": 0.2, "hidden_dim": 512},
+    # T=0.07 (MoCo v1's) with a 16k queue: at 45 epochs the encoder's kNN and probe equal T=0.2's
+    # (0.8349 / 0.8592 vs 0.8326 / 0.8599) and kNN on the 128-d embedding is 2.6 points higher
+    # (0.8648 vs 0.8390): a low training temperature makes the embedding itself a kNN space.
+    "moco": {"queue_size": 16384, "momentum": 0.99, "temperature": 0.07, "hidden_dim": 512},
     "simclr": {"hidden_dim": 512},
     "npid": {},
     "cpc": {},

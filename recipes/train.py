@@ -4,7 +4,8 @@ What a run leaves in --model_dir:
   checkpoints/   one per epoch (model, optimizer, epoch): rerunning the same command
                  after an interruption (even kill -9) resumes from the last one;
   logs/          TensorBoard scalars;
-  encoder.keras  the pretrained encoder (what the zoo publishes);
+  encoder.keras  the pretrained encoder (what the zoo publishes by default);
+  embedding.keras  the encoder with the recipe's projection head (recipes that have one);
   run.json       recipe, its config, backbone, data, schedule, strategy, timing;
   metrics.json   kNN (encoder features and, where the recipe has one, its embedding) and
                  linear probe on the test split, each with its protocol.
@@ -52,6 +53,9 @@ flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line per 
 flags.DEFINE_string("zoo_entry", None, "Rerun the recipe recorded in this zoo entry's card (NAME or NAME:VERSION); "
                     "flags given explicitly (e.g. --dataset) override the card.")
 flags.DEFINE_string("publish_as", None, "Publish the trained encoder to the zoo under this name (a new version).")
+flags.DEFINE_enum("publish_embedding", "encoder", ["encoder", "head"],
+                  "What --publish_as publishes: the encoder's pooled features, or the encoder with the recipe's "
+                  "projection head (metrics.json's knn_embedding measures that embedding).")
 flags.DEFINE_integer("labels_per_class", None, "Label-using recipes: labelled images per class (stratified).")
 flags.DEFINE_float("label_fraction", None, "Label-using recipes: fraction of the training split that keeps labels.")
 flags.DEFINE_string("init_from", None, "Start from this published zoo encoder (NAME or NAME:VERSION) instead of "
@@ -260,20 +264,30 @@ def run_facts(strategy, train_images) -> dict:
     }
 
 
-def write_outputs(chief, model_dir, encoder, run_info, metrics):
-    """encoder.keras, run.json, metrics.json on the chief (then --publish_as)."""
+def embedding_model(encoder, head):
+    """Images -> the recipe's embedding: the encoder with its projection head on top."""
+    import keras
+
+    return keras.Model(encoder.inputs, head(encoder.outputs[0]), name=f"{encoder.name}_embedding")
+
+
+def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=None):
+    """encoder.keras (+ embedding.keras), run.json, metrics.json on the chief (then --publish_as)."""
     if not chief:  # keep only this worker's final encoder, to check workers agree
         shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
         encoder.save(os.path.join(model_dir, "encoder.keras"))
         return
     encoder.save(os.path.join(model_dir, "encoder.keras"))
+    if embedding_head is not None:
+        embedding_model(encoder, embedding_head).save(os.path.join(model_dir, "embedding.keras"))
     for name, content in (("run.json", run_info), ("metrics.json", metrics)):
         with open(os.path.join(model_dir, name), "w") as f:
             json.dump(content, f, indent=2)
     if FLAGS.publish_as:
         import zoo
 
-        print(f"Published {zoo.publish(model_dir, name=FLAGS.publish_as, store=FLAGS.zoo_store)}.")
+        ref = zoo.publish(model_dir, name=FLAGS.publish_as, store=FLAGS.zoo_store, embedding=FLAGS.publish_embedding)
+        print(f"Published {ref}.")
 
 
 def train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, steps, train, test) -> dict:
@@ -402,7 +416,7 @@ def train(argv=None) -> dict:
                                         probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol,
                                         embedding_head=recipe.embedding_head())
     metrics["train"] = {"wall_time_s": run_info["wall_time_s"], "images_per_sec": run_info["images_per_sec"]}
-    write_outputs(chief, model_dir, encoder, run_info, metrics)
+    write_outputs(chief, model_dir, encoder, run_info, metrics, recipe.embedding_head())
     knn = metrics["knn"]["accuracy"]
     probe = metrics.get("linear_probe", {}).get("accuracy")
     embedding = metrics.get("knn_embedding", {}).get("accuracy")

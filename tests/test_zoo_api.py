@@ -161,3 +161,37 @@ def test_card_gives_recipes_train_what_it_needs_to_retrain(run_dir, tmp_path):
     zoo.publish(name="bare", encoder=bare, store=store)
     with pytest.raises(zoo.ArtifactError, match="cannot be retrained"):
         retraining_spec(zoo.info("bare", store=store))
+
+
+def test_publish_the_embedding_head_serves_what_knn_embedding_measured(run_dir, tmp_path, capsys):
+    import shutil
+
+    from recipes.heads import mlp
+    from recipes.train import embedding_model
+    from zoo.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="no embedding.keras"):
+        zoo.publish(run_dir, name="no_head", embedding="head", store=str(tmp_path / "store"))
+
+    head_dir = tmp_path / "run_with_head"
+    shutil.copytree(run_dir, head_dir)
+    encoder = keras.saving.load_model(head_dir / "encoder.keras")
+    head = mlp(32, 24, name="projection_head")
+    embedding_model(encoder, head).save(head_dir / "embedding.keras")
+    metrics = json.loads((head_dir / "metrics.json").read_text())
+    metrics["knn_embedding"] = {"accuracy": 0.8, "protocol": {"k": 200, "t": 0.1, "features": "head"}}
+    (head_dir / "metrics.json").write_text(json.dumps(metrics))
+
+    store = str(tmp_path / "store")
+    assert cli.main(["--store", store, "publish", str(head_dir), "--name", "with_head", "--embedding", "head"]) == 0
+    assert "published with_head:1" in capsys.readouterr().out
+    card = zoo.info("with_head", store=store)
+    assert card["embedding"] == "head" and card["embedding_dim"] == 24
+    assert card["metrics"]["knn"]["accuracy"] == 0.8  # the headline kNN is the served embedding's
+    assert card["metrics"]["knn_encoder"]["accuracy"] == 0.7 and "linear_probe_encoder" in card["metrics"]
+    images = np.random.RandomState(0).randint(0, 256, (3, *SHAPE)).astype("float32")
+    np.testing.assert_allclose(zoo.load("with_head", store=store).predict(images, verbose=0),
+                               head(encoder(images)).numpy(), rtol=1e-5, atol=1e-6)
+    assert zoo.info("with_head", store=store)["embedding"] == "head"
+    zoo.publish(run_dir, name="plain", store=store)
+    assert zoo.info("plain", store=store)["embedding"] == "encoder"

@@ -113,7 +113,16 @@ def list_models(store=None) -> list[dict]:
     return models
 
 
-def _read_run_dir(run_dir: str):
+EMBEDDINGS = ("encoder", "head")
+
+
+def _read_run_dir(run_dir: str, embedding: str = "encoder"):
+    """The model to publish with its run.json and metrics.json.
+
+    embedding="head" publishes embedding.keras (encoder + the recipe's projection head):
+    its card's `knn` is then the run's kNN on that embedding, and the encoder's own kNN and
+    probe are kept as `knn_encoder` / `linear_probe_encoder`.
+    """
     import keras
     import tensorflow as tf
 
@@ -134,7 +143,17 @@ def _read_run_dir(run_dir: str):
     encoder_path = os.path.join(run_dir, "encoder.keras")
     if not tf.io.gfile.exists(encoder_path):
         raise ArtifactError(f"{encoder_path} is missing; the run has not finished (or failed) - rerun it to resume.")
-    return keras.saving.load_model(encoder_path, compile=False), run, metrics
+    if embedding == "encoder":
+        return keras.saving.load_model(encoder_path, compile=False), run, metrics
+    model_path = os.path.join(run_dir, "embedding.keras")
+    if not tf.io.gfile.exists(model_path) or "knn_embedding" not in metrics:
+        raise ArtifactError(
+            f"{run_dir} has no embedding.keras with a knn_embedding metric: its recipe "
+            f"({run.get('recipe')}) has no projection head, or the run predates them (rerun its command "
+            "to re-evaluate it). Publish its encoder instead (embedding='encoder').")
+    renamed = {"knn": "knn_encoder", "linear_probe": "linear_probe_encoder", "knn_embedding": "knn"}
+    metrics = {renamed.get(key, key): value for key, value in metrics.items()}
+    return keras.saving.load_model(model_path, compile=False), {**run, "embedding": "head"}, metrics
 
 
 def publish(
@@ -147,12 +166,16 @@ def publish(
     store=None,
     labels=(),
     description: str | None = None,
+    embedding: str = "encoder",
 ) -> str:
     """Publishes an encoder as the next version of `name`; returns "name:version".
 
     Either `run_dir` (a `recipes.train --model_dir`: encoder.keras, run.json, metrics.json)
     or `encoder` with optional `run` (run.json-like metadata: recipe, recipe_config,
     backbone, dataset, ...) and `metrics` ({"knn": {"accuracy", "protocol"}, ...}).
+    From a run directory, `embedding="head"` publishes the encoder with the recipe's
+    projection head (embedding.keras), whose output was the better kNN space for
+    low-temperature contrastive recipes; the default publishes the encoder alone.
 
     The artifact is written and verified in the store's staging area, then moved into
     place and added to the index under the store's lock; on any failure the store is left
@@ -162,12 +185,17 @@ def publish(
     labels = [validate_label(label) for label in ([labels] if isinstance(labels, str) else labels)]
     if (run_dir is None) == (encoder is None):
         raise TypeError("publish() takes either a run directory or encoder=..., not both or neither.")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"Unknown embedding {embedding!r}. Valid: {', '.join(EMBEDDINGS)}.")
+    if embedding != "encoder" and run_dir is None:
+        raise TypeError("embedding='head' reads embedding.keras from a run directory; with encoder=..., "
+                        "pass the model you want served.")
     st = open_store(store)
     st.require_writable()  # before any work
     if run_dir is not None:
         if run is not None or metrics is not None:
             raise TypeError("With a run directory, run and metrics come from its run.json and metrics.json.")
-        encoder, run, metrics = _read_run_dir(os.fspath(run_dir))
+        encoder, run, metrics = _read_run_dir(os.fspath(run_dir), embedding)
 
     from zoo import card as cards
     from zoo import export

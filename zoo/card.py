@@ -109,6 +109,8 @@ def make_card(
         **{key: run.get(key) for key in RUN_FIELDS},
         "input_shape": [int(d) for d in input_shape],
         "embedding_dim": int(embedding_dim),
+        # What the artifact returns: the encoder's pooled features, or the recipe's projection head on top.
+        "embedding": run.get("embedding") or "encoder",
         "metrics": metrics,
         "hardware": hardware(),
         "software": software(),
@@ -131,6 +133,7 @@ def summary(card: dict) -> dict:
         "dataset": card.get("dataset"),
         "input_shape": card.get("input_shape"),
         "embedding_dim": card.get("embedding_dim"),
+        "embedding": card.get("embedding", "encoder"),
         "epochs": card.get("epochs"),
         "metrics": {
             key: value["accuracy"]

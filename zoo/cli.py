@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.add_argument("--label", action="append", default=[], help="version label(s) to point at it")
     s.add_argument("--description", default=None)
+    s.add_argument("--embedding", choices=("encoder", "head"), default="encoder",
+                   help="publish the encoder's features (default) or the encoder + the recipe's projection head")
 
     s = sub.add_parser("rm", help="remove a version (NAME:VERSION) or a whole model (NAME)")
     s.add_argument("ref", metavar="NAME[:VERSION]")
@@ -136,7 +138,7 @@ def _run(args) -> int:
         print(json.dumps(zoo.info(args.ref, store=store), indent=2, sort_keys=True))
     elif args.command == "publish":
         ref = zoo.publish(args.run_dir, name=args.name, store=store, labels=args.label,
-                          description=args.description)
+                          description=args.description, embedding=args.embedding)
         print(f"published {ref}")
     elif args.command == "rm":
         removed = zoo.remove(args.ref, store=store)
