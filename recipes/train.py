@@ -402,14 +402,16 @@ def train(argv=None) -> dict:
             f"check the recipe hyperparameters, then rerun the same command to resume.")
 
     epoch_seconds = timing["epoch_seconds"]
-    if len(epoch_seconds) < timing["epoch"] and previous_run.get("wall_time_s"):
-        # Epochs trained before per-epoch times were recorded: keep the time the finished run reported.
+    if timing["epoch"] == initial_epoch and previous_run.get("wall_time_s"):
+        # Re-evaluating a finished run (nothing trained now): its time is the one it reported.
         run_info.update({k: previous_run.get(k) for k in ("wall_time_s", "images_per_sec", "epoch_seconds")})
     else:
         run_info["wall_time_s"] = round(sum(epoch_seconds), 2)
         run_info["images_per_sec"] = round(len(epoch_seconds) * steps * FLAGS.batch_size / sum(epoch_seconds), 1) \
             if epoch_seconds else None
         run_info["epoch_seconds"] = [round(s, 2) for s in epoch_seconds]
+        if len(epoch_seconds) < timing["epoch"]:  # resumed from a checkpoint older than the per-epoch record
+            run_info["untimed_epochs"] = timing["epoch"] - len(epoch_seconds)
     protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
                 "pretrain_epochs": FLAGS.epochs, "seed": FLAGS.seed}
     metrics = evaluate.evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
