@@ -42,6 +42,8 @@ flags.DEFINE_float("width", fmnist_settings.WIDTH, "Backbone width multiplier fo
                    "baseline (outputs get a _w<width> suffix when it is not the default).")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where JSON, markdown and pictures go.")
+flags.DEFINE_bool("pictures", True, "Draw the t-SNE map and retrieval grid (--nopictures to re-score a run "
+                  "whose pictures exist: t-SNE is the slow part).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THROUGHPUT = "benchmarks/results/throughput_fmnist.json"
@@ -239,7 +241,8 @@ def main(argv):
             **{k: v for k, v in baselines.items() if k.startswith("supervised")}}
 
     prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}{width_suffix()}")
-    save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
+    if FLAGS.pictures:
+        save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
     result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": FLAGS.width, "run": run, "rows": rows,
               "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
               "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
