@@ -104,6 +104,13 @@ def head_features(head, features: np.ndarray, batch_size: int = 4096) -> np.ndar
 EMBEDDING_FEATURES = "l2-normalized embedding: the recipe's projection-head output (InstDisc protocol)"
 
 
+def embedding_knn_accuracy(head, train_features, train_labels, test_features, test_labels, num_classes,
+                           k=200, temperature=0.1, protocol=None) -> dict:
+    """Weighted kNN on `head`'s output for precomputed encoder features (the recipe's embedding)."""
+    return knn_accuracy(head_features(head, train_features), train_labels, head_features(head, test_features),
+                        test_labels, num_classes, k, temperature, {**(protocol or {}), "features": EMBEDDING_FEATURES})
+
+
 def evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
                      knn_k=200, knn_temperature=0.1, probe_epochs=100, seed=0, protocol=None,
                      embedding_head=None) -> dict:
@@ -116,10 +123,9 @@ def evaluate_encoder(encoder, train_images, train_labels, test_images, test_labe
     results = {"knn": knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
                                    knn_k, knn_temperature, protocol)}
     if embedding_head is not None:
-        results["knn_embedding"] = knn_accuracy(
-            head_features(embedding_head, train_features), train_labels,
-            head_features(embedding_head, test_features), test_labels, num_classes, knn_k, knn_temperature,
-            {**(protocol or {}), "features": EMBEDDING_FEATURES})
+        results["knn_embedding"] = embedding_knn_accuracy(embedding_head, train_features, train_labels,
+                                                          test_features, test_labels, num_classes, knn_k,
+                                                          knn_temperature, protocol)
     if probe_epochs > 0:
         results["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
                                                num_classes, epochs=probe_epochs, seed=seed, protocol=protocol)
@@ -146,9 +152,9 @@ class KnnMonitor(keras.callbacks.Callback):
                                               self.k, self.temperature)["accuracy"]}
         head = self.model.embedding_head()
         if head is not None:
-            accuracies["val_knn_embedding"] = knn_accuracy(
-                head_features(head, train_features), train_y, head_features(head, test_features), test_y,
-                self.num_classes, self.k, self.temperature)["accuracy"]
+            accuracies["val_knn_embedding"] = embedding_knn_accuracy(
+                head, train_features, train_y, test_features, test_y, self.num_classes, self.k,
+                self.temperature)["accuracy"]
         if logs is not None:
             logs.update(accuracies)
         embedding = (f", embedding = {accuracies['val_knn_embedding']:.4f}"

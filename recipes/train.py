@@ -414,11 +414,12 @@ def train(argv=None) -> dict:
             run_info["untimed_epochs"] = timing["epoch"] - len(epoch_seconds)
     protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
                 "pretrain_epochs": FLAGS.epochs, "seed": FLAGS.seed}
+    embedding_head = recipe.embedding_head()
     metrics = evaluate.evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
                                         probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol,
-                                        embedding_head=recipe.embedding_head())
+                                        embedding_head=embedding_head)
     metrics["train"] = {"wall_time_s": run_info["wall_time_s"], "images_per_sec": run_info["images_per_sec"]}
-    write_outputs(chief, model_dir, encoder, run_info, metrics, recipe.embedding_head())
+    write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head)
     knn = metrics["knn"]["accuracy"]
     probe = metrics.get("linear_probe", {}).get("accuracy")
     embedding = metrics.get("knn_embedding", {}).get("accuracy")

@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from zoo import EMBEDDINGS
+
 _DELEGATED = ("serve", "embed")
 
 
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.add_argument("--label", action="append", default=[], help="version label(s) to point at it")
     s.add_argument("--description", default=None)
-    s.add_argument("--embedding", choices=("encoder", "head"), default="encoder",
+    s.add_argument("--embedding", choices=EMBEDDINGS, default="encoder",
                    help="publish the encoder's features (default) or the encoder + the recipe's projection head")
 
     s = sub.add_parser("rm", help="remove a version (NAME:VERSION) or a whole model (NAME)")
