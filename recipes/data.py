@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import importlib
 import importlib.resources
 import importlib.resources.abc  # noqa: F401  (makes `.abc` an attribute for the shim below)
@@ -354,13 +355,30 @@ def prepare(name: str, data_dir=None):
     data_dir = os.fspath(data_dir or default_data_dir())
     os.makedirs(data_dir, exist_ok=True)
     builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        if name == "fashion_mnist":
-            _prepare_fashion_mnist(builder)
-        else:
-            with _no_downloads():
-                builder.download_and_prepare(download_config=_download_config())
-    return builder
+    if builder.is_prepared():
+        return builder
+    # Two jobs started on a fresh machine (a benchmark beside a training run) would both
+    # generate the dataset, and the second to finish fails renaming onto the first's output.
+    with _exclusive_lock(os.path.join(data_dir, f".prepare_{name}.lock")):
+        builder = tfds.builder(name, data_dir=data_dir)  # another job may have prepared it meanwhile
+        if not builder.is_prepared():
+            if name == "fashion_mnist":
+                _prepare_fashion_mnist(builder)
+            else:
+                with _no_downloads():
+                    builder.download_and_prepare(download_config=_download_config())
+    return tfds.builder(name, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive lock on `path` across processes (released if the holder dies)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_arrays(name: str, split: str = "train", data_dir=None) -> tuple[np.ndarray, np.ndarray]:

@@ -234,3 +234,28 @@ def test_split_deterministic():
 def test_split_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.split_labelled(LABELS, **kwargs)
+
+
+def test_two_jobs_preparing_one_fresh_data_dir_both_succeed(tmp_path):
+    """Jobs started together on a fresh machine share the TFDS dir: one generates, the other waits."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from recipes import data\n"
+        "while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+        "images, labels = data.load_arrays('synthetic_shapes', 'test', data_dir=sys.argv[2])\n"
+        "print(images.shape[0])\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    jobs = [subprocess.Popen([sys.executable, "-c", script, str(go), str(tmp_path / "tfds")], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(8)  # both have imported TensorFlow and wait at the start line
+    go.touch()
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    for job, (out, err) in zip(jobs, outputs):
+        assert job.returncode == 0, err[-2000:]
+        assert out.split()[-1] == str(data.info("synthetic_shapes").splits["test"])
