@@ -23,8 +23,9 @@ per-device BN as on the paper's multi-GPU runs); the computation is then the sam
 
 Training schedule of the paper (set by the caller, see `paper_optimizer`): SGD with
 Nesterov momentum 0.9, learning rate 0.03 decayed as cos(7 pi k / 16 K), weight
-decay 5e-4, B = 64, mu = 7. The paper's unlabelled set is the whole training set,
-labelled images included; pass it that way to `fixmatch_dataset` to match.
+decay 5e-4 as an L2 term on the kernels (`recipes.optimizers.SGDL2`), B = 64, mu = 7.
+The paper's unlabelled set is the whole training set, labelled images included; pass
+it that way to `fixmatch_dataset` to match.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import tensorflow as tf
 from recipes import distribute
 from recipes.base import Recipe, register
 from recipes.checkpointing import EpochCheckpoint, SaveEveryEpoch
+from recipes.optimizers import SGDL2
 from recipes.semi.losses import fixmatch_unlabelled_loss, sparse_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
@@ -233,9 +235,10 @@ class FixMatchCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def paper_optimizer(total_steps, learning_rate=0.03, weight_decay=5e-4):
-    """SGD, Nesterov momentum 0.9, FixMatch cosine decay, weight decay (decoupled in Keras)."""
-    return keras.optimizers.SGD(FixMatchCosine(learning_rate, total_steps), momentum=0.9, nesterov=True,
-                                weight_decay=weight_decay)
+    """SGD, Nesterov momentum 0.9, FixMatch cosine decay, and the reference code's weight decay:
+    wd * |w|^2 / 2 on the kernels (not biases or BN) in the loss, so through the momentum."""
+    return SGDL2(FixMatchCosine(learning_rate, total_steps), momentum=0.9, nesterov=True, l2=weight_decay,
+                 l2_kernels_only=True)
 
 
 class LogTestAccuracy(keras.callbacks.Callback):
