@@ -41,15 +41,20 @@ class SGDL2(keras.optimizers.SGD):
         self.l2 = float(l2)
         self.l2_kernels_only = bool(l2_kernels_only)
 
+    def build(self, variables):
+        super().build(variables)
+        # Chosen here, on the Keras variables: update_step may get a replica's copy of one
+        # ("dense/kernel/replica_1:0" under MirroredStrategy), found again by its key.
+        self._l2_keys = {self._var_key(v) for v in variables if self.decays(v)}
+
     def decays(self, variable) -> bool:
-        """Whether `variable` gets the L2 term."""
-        # The TF backend hands update_step the tf.Variable ("conv/kernel:0"), not the Keras one.
-        if self.l2_kernels_only and variable.name.split("/")[-1].split(":")[0] != "kernel":
+        """Whether the Keras variable `variable` gets the L2 term."""
+        if self.l2_kernels_only and variable.name != "kernel":
             return False
         return self._use_weight_decay(variable)
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.l2 and self.decays(variable):
+        if self.l2 and self._var_key(variable) in self._l2_keys:
             gradient = ops.add(gradient, ops.multiply(ops.cast(self.l2, variable.dtype), variable))
         super().update_step(gradient, variable, learning_rate)
 

@@ -98,3 +98,27 @@ def test_training_cli_and_fixmatch_use_the_coupled_decay_where_they_say_so():
     assert not isinstance(keras_sgd, SGDL2) and keras_sgd.weight_decay == 5e-4
     fixmatch = paper_optimizer(1000)
     assert isinstance(fixmatch, SGDL2) and fixmatch.l2_kernels_only and fixmatch.nesterov and fixmatch.l2 == 5e-4
+
+
+def test_kernels_only_decay_is_the_same_on_one_device_and_on_two_replicas():
+    """Under MirroredStrategy update_step sees each replica's copy ("kernel/replica_1:0")."""
+    import tensorflow as tf
+
+    def fitted(strategy):
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense",
+                                                                             bias_initializer="ones")])
+            model.layers[0].kernel.assign(np.ones((4, 3), np.float32))
+            model.compile(optimizer=SGDL2(0.1, momentum=0.9, l2=0.1, l2_kernels_only=True),
+                          loss=lambda y, p: 0.0 * keras.ops.sum(p))
+        model.fit(np.ones((8, 4), np.float32), np.zeros((8, 3), np.float32), batch_size=8, epochs=2, verbose=0)
+        layer = model.layers[0]
+        copies = [layer.kernel.value] if strategy.num_replicas_in_sync == 1 else layer.kernel.value.values
+        return [np.asarray(c) for c in copies], layer.bias.numpy()
+
+    one, bias_one = fitted(tf.distribute.get_strategy())
+    two, bias_two = fitted(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    assert one[0].max() < 0.99 and np.allclose(bias_one, 1.0)
+    for copy in two:  # every replica's copy decayed like the single device's
+        np.testing.assert_allclose(copy, one[0], rtol=1e-6)
+    np.testing.assert_allclose(bias_two, bias_one)
