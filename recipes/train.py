@@ -243,8 +243,21 @@ def _epoch_seconds_path(model_dir):
 
 def save_epoch_seconds(model_dir, epoch_seconds):
     """Written beside each checkpoint, so a resumed run still knows how long its earlier epochs took."""
-    with open(_epoch_seconds_path(model_dir), "w") as f:
-        json.dump([round(s, 2) for s in epoch_seconds], f)
+    write_json(_epoch_seconds_path(model_dir), [round(s, 2) for s in epoch_seconds], indent=None)
+
+
+def write_json(path, content, indent=2):
+    """Writes `content` to `path` via a temporary file and a rename: a run killed mid-write
+    leaves the previous file (or none), never a truncated one. metrics.json marks a finished
+    run for its readers (the benchmarks reuse such runs), so a half-written one would lie."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=indent)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_epoch_seconds(model_dir, epochs_done) -> list:
@@ -288,8 +301,7 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=N
     if embedding_head is not None:
         embedding_model(encoder, embedding_head).save(os.path.join(model_dir, "embedding.keras"))
     for name, content in (("run.json", run_info), ("metrics.json", metrics)):
-        with open(os.path.join(model_dir, name), "w") as f:
-            json.dump(content, f, indent=2)
+        write_json(os.path.join(model_dir, name), content)
     if FLAGS.publish_as:
         import zoo
 

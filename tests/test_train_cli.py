@@ -214,3 +214,15 @@ def test_hparams_keep_json_lists_and_dicts_whole():
                       "view_policy": {"crop_scale": [0.5, 1.0], "flip": False}, "dims": [1, 2]}
     with pytest.raises(ValueError, match="not key=value"):
         parse_hparams("a=1,oops")
+
+
+def test_a_failed_json_write_keeps_the_previous_file(tmp_path):
+    """metrics.json marks a finished run: a write that dies midway must not leave half a file."""
+    from recipes.train import write_json
+
+    path = tmp_path / "metrics.json"
+    write_json(str(path), {"knn": {"accuracy": 0.8}})
+    with pytest.raises(TypeError):
+        write_json(str(path), {"knn": {"accuracy": 0.9}, "bad": object()})  # fails after writing some of it
+    assert json.loads(path.read_text()) == {"knn": {"accuracy": 0.8}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temporary left behind
