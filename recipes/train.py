@@ -218,8 +218,10 @@ def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
             timing["epoch_seconds"].append(time.time() - timing["epoch_start"])
             timing["epoch"] = epoch + 1
             if self.diverged_at is None:
-                checkpoint.save(epoch + 1)
+                # Times first: a kill between the two writes then leaves one time too many (a
+                # resume reads only as many as it has checkpointed epochs), never one too few.
                 save_epoch_seconds(model_dir, timing["epoch_seconds"])
+                checkpoint.save(epoch + 1)
 
     guard = Guard()
     callbacks = [guard, keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch")]
@@ -243,6 +245,7 @@ def _epoch_seconds_path(model_dir):
 
 def save_epoch_seconds(model_dir, epoch_seconds):
     """Written beside each checkpoint, so a resumed run still knows how long its earlier epochs took."""
+    os.makedirs(os.path.dirname(_epoch_seconds_path(model_dir)), exist_ok=True)
     write_json(_epoch_seconds_path(model_dir), [round(s, 2) for s in epoch_seconds], indent=None)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from recipes.optimizers import SGDL2
+from tests.distributed_utils import two_replica_strategy
 
 
 def numpy_sgd_l2(weights, targets, decayed, lr, momentum, nesterov, l2, steps):
@@ -117,7 +118,7 @@ def test_kernels_only_decay_is_the_same_on_one_device_and_on_two_replicas():
         return [np.asarray(c) for c in copies], layer.bias.numpy()
 
     one, bias_one = fitted(tf.distribute.get_strategy())
-    two, bias_two = fitted(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    two, bias_two = fitted(two_replica_strategy())  # the suite's one MirroredStrategy (see its docstring)
     assert one[0].max() < 0.99 and np.allclose(bias_one, 1.0)
     for copy in two:  # every replica's copy decayed like the single device's
         np.testing.assert_allclose(copy, one[0], rtol=1e-6)
