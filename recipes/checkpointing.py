@@ -74,10 +74,7 @@ class RoundCheckpoint:
         """Writes round `len(rows) - 1`'s weights, then the rows (so rows never name missing weights)."""
         os.makedirs(self.directory, exist_ok=True)
         tf.train.Checkpoint(weights=list(model.weights)).write(self._weights_path(len(rows) - 1))
-        temporary = self.rows_path + ".tmp"
-        with open(temporary, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(temporary, self.rows_path)
+        write_json(self.rows_path, rows)
 
     def restore(self, model, round_index):
         """Loads round `round_index`'s weights into `model` (built like that round's)."""
@@ -87,3 +84,17 @@ class RoundCheckpoint:
 
     def _weights_path(self, round_index):
         return os.path.join(self.directory, f"round_{round_index}")
+
+
+def write_json(path, content, indent=2):
+    """Writes `content` to `path` via a temporary file and a rename: a run killed mid-write
+    leaves the previous file (or none), never a truncated one. A run's metrics.json marks it
+    finished for the benchmarks, so a half-written one would lie."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=indent)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

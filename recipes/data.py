@@ -367,7 +367,7 @@ def prepare(name: str, data_dir=None):
             else:
                 with _no_downloads():
                     builder.download_and_prepare(download_config=_download_config())
-    return tfds.builder(name, data_dir=data_dir)
+    return builder
 
 
 @contextlib.contextmanager

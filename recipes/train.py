@@ -245,22 +245,11 @@ def _epoch_seconds_path(model_dir):
 
 def save_epoch_seconds(model_dir, epoch_seconds):
     """Written beside each checkpoint, so a resumed run still knows how long its earlier epochs took."""
-    os.makedirs(os.path.dirname(_epoch_seconds_path(model_dir)), exist_ok=True)
-    write_json(_epoch_seconds_path(model_dir), [round(s, 2) for s in epoch_seconds], indent=None)
+    from recipes.checkpointing import write_json
 
-
-def write_json(path, content, indent=2):
-    """Writes `content` to `path` via a temporary file and a rename: a run killed mid-write
-    leaves the previous file (or none), never a truncated one. metrics.json marks a finished
-    run for its readers (the benchmarks reuse such runs), so a half-written one would lie."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=indent)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    path = _epoch_seconds_path(model_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, [round(s, 2) for s in epoch_seconds], indent=None)
 
 
 def load_epoch_seconds(model_dir, epochs_done) -> list:
@@ -303,6 +292,8 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=N
     encoder.save(os.path.join(model_dir, "encoder.keras"))
     if embedding_head is not None:
         embedding_model(encoder, embedding_head).save(os.path.join(model_dir, "embedding.keras"))
+    from recipes.checkpointing import write_json
+
     for name, content in (("run.json", run_info), ("metrics.json", metrics)):
         write_json(os.path.join(model_dir, name), content)
     if FLAGS.publish_as:

@@ -47,7 +47,7 @@ def test_sgd_l2_matches_the_coupled_reference(nesterov, kernels_only):
 
 def test_l2_through_momentum_pulls_ten_times_harder_than_keras_decoupled_decay():
     """At m=0.9 the same coefficient shrinks weights ~1/(1-m) = 10x faster per step than Keras's."""
-    w0, zero_target, steps, lr, wd = np.ones((5,), np.float32), np.ones((5,), np.float32), 300, 0.05, 1e-3
+    w0, steps, lr, wd = np.ones((5,), np.float32), 300, 0.05, 1e-3
 
     def shrink(optimizer):
         variable = keras.Variable(w0, name="kernel")
@@ -55,7 +55,6 @@ def test_l2_through_momentum_pulls_ten_times_harder_than_keras_decoupled_decay()
             optimizer.apply_gradients([(keras.ops.zeros_like(variable), variable)])
         return -np.log(variable.numpy()[0])  # total log-shrink
 
-    del zero_target
     coupled = shrink(SGDL2(lr, momentum=0.9, l2=wd))
     decoupled = shrink(keras.optimizers.SGD(lr, momentum=0.9, weight_decay=wd))
     np.testing.assert_allclose(decoupled, steps * lr * wd, rtol=1e-2)

@@ -218,7 +218,7 @@ def test_hparams_keep_json_lists_and_dicts_whole():
 
 def test_a_failed_json_write_keeps_the_previous_file(tmp_path):
     """metrics.json marks a finished run: a write that dies midway must not leave half a file."""
-    from recipes.train import write_json
+    from recipes.checkpointing import write_json
 
     path = tmp_path / "metrics.json"
     write_json(str(path), {"knn": {"accuracy": 0.8}})
