@@ -9,7 +9,7 @@ from recipes.base import RECIPES
 from recipes.semi.finetune import FineTune, fit_classifier, run_finetune
 from recipes.semi.noisy_student import NoisyStudent, run_noisy_student
 from recipes.semi.pseudo_label import PseudoLabel, run_pseudo_label
-from recipes.semi.self_training import _copy_weights
+from recipes.semi.self_training import _copy_weights, student_dataset
 
 
 def _shapes(n, seed, size=16, noise=75.0):
@@ -110,6 +110,41 @@ def test_students_train_student_steps_scale_times_the_teachers_steps():
     assert int(student.optimizer.iterations) == 10  # 4 teacher steps x 2.5
     with pytest.raises(ValueError, match="student_steps_scale"):
         PseudoLabel(_tiny_encoder(), 3, student_steps_scale=0)
+
+
+def _columns(first_id, n, weight, hard=True):
+    """Images whose every pixel is the row's id, so a batch row tells where it came from."""
+    ids = np.arange(first_id, first_id + n)
+    columns = {"image": np.repeat(ids.astype(np.uint8), 4).reshape(n, 2, 2, 1),
+               "weight": np.full(n, weight, np.float32)}
+    if hard:
+        columns["label"] = ids % 3
+    else:
+        columns["target"] = np.eye(3, dtype=np.float32)[ids % 3]
+    return columns
+
+
+def test_student_batches_hold_labelled_rows_at_the_unlabelled_ratio_spread_evenly():
+    labelled, pseudo = _columns(0, 4, 1.0, hard=False), _columns(100, 90, 0.5, hard=False)
+    batches = list(student_dataset(labelled, pseudo, batch_size=16, unlabelled_ratio=3.0, seed=0).take(12))
+    seen = []
+    for batch in batches:
+        ids = batch["image"].numpy()[:, 0, 0, 0]
+        is_labelled = ids < 100
+        assert is_labelled.sum() == 4  # round(16 / (1 + 3))
+        # one labelled row in every quarter of the batch: each of 2 or 4 replicas gets its share
+        assert is_labelled.reshape(4, 4).sum(axis=1).tolist() == [1, 1, 1, 1]
+        np.testing.assert_array_equal(batch["weight"].numpy(), np.where(is_labelled, 1.0, 0.5))
+        np.testing.assert_array_equal(batch["target"].numpy().argmax(axis=1), ids % 3)
+        seen.extend(ids.tolist())
+    # the 4 labelled rows cycle once per batch; the 90 pseudo-labelled ones are each seen ~once
+    assert all(seen.count(i) == 12 for i in range(4))
+    assert set(range(100, 190)) <= set(seen)
+    # no ratio: one shuffled set, each row equally likely (4 labelled rows in 94)
+    mixed = [b["image"].numpy()[:, 0, 0, 0] for b in student_dataset(labelled, pseudo, 16, None).take(47)]
+    assert sum(int((ids < 100).sum()) for ids in mixed) == 32  # 47 x 16 rows = 8 passes over the 94
+    with pytest.raises(ValueError, match="unlabelled_ratio"):
+        PseudoLabel(_tiny_encoder(), 3, unlabelled_ratio=0)
 
 
 def test_student_starts_from_teacher_only_with_equal_architecture():

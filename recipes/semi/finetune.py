@@ -175,10 +175,12 @@ def default_optimizer(learning_rate=0.03):
     return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
 
 
-def fit_classifier(model, images, labels=None, targets=None, weights=None, epochs=10, batch_size=64,
-                   steps=None, optimizer=None, seed=0, verbose=0):
+def fit_classifier(model, images=None, labels=None, targets=None, weights=None, epochs=10, batch_size=64,
+                   steps=None, optimizer=None, seed=0, verbose=0, dataset=None, num_examples=None):
     """Compiles (if needed) and trains `model` for `epochs` passes over the data.
 
+    The data are arrays (`images` with `labels` or `targets`, optional `weights`),
+    or a ready `dataset` of such batches with the `num_examples` an epoch passes over.
     `steps`, if given, replaces epochs by a fixed number of steps (logged as one
     epoch): useful when the sets of successive models differ a lot in size, as a
     teacher's few labels and a student's many pseudo-labels do.
@@ -186,11 +188,13 @@ def fit_classifier(model, images, labels=None, targets=None, weights=None, epoch
     """
     if model.optimizer is None:
         model.compile(optimizer=optimizer or default_optimizer())
-    ds = classifier_dataset(images, labels, targets, weights, batch_size, seed)
+    if dataset is None:
+        dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
+        num_examples = len(images)
     if steps is not None:
-        return model.fit(ds, epochs=1, steps_per_epoch=int(steps), verbose=verbose).history
-    steps = max(1, len(images) // batch_size)
-    return model.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
+        return model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=verbose).history
+    steps = max(1, int(num_examples) // batch_size)
+    return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
 
 
 def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, steps=None, batch_size=64,

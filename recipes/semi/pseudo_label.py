@@ -35,17 +35,17 @@ class PseudoLabel(SelfTrainingMixin, FineTune):
         freeze_encoder, label_count, seed: as in `FineTune` (Lee uses dropout; weak
         augmentation is the default input noise here).
       rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
-        init_from_teacher, student_steps_scale: as in `SelfTrainingMixin`. Defaults: 3 rounds, hard
+        init_from_teacher, student_steps_scale, unlabelled_ratio: as in `SelfTrainingMixin`. Defaults: 3 rounds, hard
         labels with confidence >= 0.95, no class balancing, weight 1, the student
         continues from the teacher.
     """
 
     def __init__(self, encoder, num_classes, rounds=3, threshold=0.95, hard_labels=True, per_class=None,
                  fill_classes=False, unlabelled_weight=1.0, init_from_teacher=True, augment="weak",
-                 dropout=0.0, student_steps_scale=1.0, **kwargs):
+                 dropout=0.0, student_steps_scale=1.0, unlabelled_ratio=None, **kwargs):
         super().__init__(encoder, num_classes, augment=augment, dropout=dropout, **kwargs)
         self._init_self_training(rounds, threshold, hard_labels, per_class, fill_classes,
-                                 unlabelled_weight, init_from_teacher, student_steps_scale)
+                                 unlabelled_weight, init_from_teacher, student_steps_scale, unlabelled_ratio)
 
     def get_config(self):
         return {**super().get_config(), **self.self_training_config()}

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from recipes.checkpointing import RoundCheckpoint
-from recipes.semi.finetune import default_optimizer, fit_classifier
+from recipes.semi.finetune import classifier_dataset, default_optimizer, fit_classifier
 from recipes.semi.losses import select_pseudo_labels
 
 
@@ -46,10 +46,16 @@ class SelfTrainingMixin:
         epochs). The teacher learns from the few labels; a student's training set is
         that plus tens of thousands of pseudo-labelled images, which the teacher's
         budget covers only once or twice.
+      unlabelled_ratio: pseudo-labelled rows per labelled row in every student batch
+        (the Noisy Student code's `unlabel_ratio`; Lee 2013's loss also averages the two
+        parts separately). None: one shuffled set, where 100 labels among 30,000
+        pseudo-labels are seen about twice per student and the teacher's mistakes go
+        uncorrected. The batch size stays the same; the labelled rows are cycled.
     """
 
     def _init_self_training(self, rounds, threshold, hard_labels, per_class, fill_classes,
-                            unlabelled_weight, init_from_teacher, student_steps_scale=1.0):
+                            unlabelled_weight, init_from_teacher, student_steps_scale=1.0,
+                            unlabelled_ratio=None):
         if int(rounds) < 0:
             raise ValueError(f"rounds must be >= 0, got {rounds!r}.")
         if not 0.0 <= float(threshold) <= 1.0:
@@ -64,12 +70,15 @@ class SelfTrainingMixin:
         if float(student_steps_scale) <= 0:
             raise ValueError(f"student_steps_scale must be > 0, got {student_steps_scale!r}.")
         self.student_steps_scale = float(student_steps_scale)
+        if unlabelled_ratio is not None and float(unlabelled_ratio) <= 0:
+            raise ValueError(f"unlabelled_ratio must be > 0 or None, got {unlabelled_ratio!r}.")
+        self.unlabelled_ratio = None if unlabelled_ratio is None else float(unlabelled_ratio)
 
     def self_training_config(self):
         return {"rounds": self.rounds, "threshold": self.threshold, "hard_labels": self.hard_labels,
                 "per_class": self.per_class, "fill_classes": self.fill_classes,
                 "unlabelled_weight": self.unlabelled_weight, "init_from_teacher": self.init_from_teacher,
-                "student_steps_scale": self.student_steps_scale}
+                "student_steps_scale": self.student_steps_scale, "unlabelled_ratio": self.unlabelled_ratio}
 
     def student_budget(self, epochs, steps):
         """(epochs, steps) of a student, given the teacher's."""
@@ -80,6 +89,38 @@ class SelfTrainingMixin:
         """(indices, targets) of the unlabelled examples this method trains on."""
         return select_pseudo_labels(probabilities, self.threshold, self.per_class, self.fill_classes,
                                     self.hard_labels)
+
+
+def student_dataset(labelled, pseudo, batch_size, unlabelled_ratio=None, seed=0):
+    """Endless student batches from labelled and pseudo-labelled column dicts.
+
+    Both dicts hold "image", "label" or "target", and "weight". With
+    `unlabelled_ratio=None` they are one shuffled set; with a ratio r each batch holds
+    round(B / (1 + r)) labelled rows (at least one) and the rest pseudo-labelled, the
+    two sets shuffled and repeated independently, and the labelled rows spread evenly
+    through the batch so every replica's share has some.
+    """
+    if unlabelled_ratio is None or len(pseudo["image"]) == 0:
+        merged = {key: np.concatenate([labelled[key], pseudo[key]]) for key in labelled}
+        return _classifier_dataset(merged, batch_size, seed)
+    labelled_rows = min(batch_size - 1, max(1, round(batch_size / (1.0 + unlabelled_ratio))))
+    pseudo_rows = batch_size - labelled_rows
+    both = tf.data.Dataset.zip((_classifier_dataset(labelled, labelled_rows, seed),
+                                _classifier_dataset(pseudo, pseudo_rows, seed + 1)))
+    # Row order: labelled row i at fraction (i + 0.5) / labelled_rows of the batch, likewise
+    # the pseudo-labelled rows, so a replica's contiguous slice gets its share of each.
+    order = np.argsort(np.concatenate([(np.arange(labelled_rows) + 0.5) / labelled_rows,
+                                       (np.arange(pseudo_rows) + 0.5) / pseudo_rows]), kind="stable")
+
+    def merge(l, p):
+        return {key: tf.gather(tf.concat([l[key], p[key]], axis=0), order) for key in l}
+
+    return both.map(merge).prefetch(tf.data.AUTOTUNE)
+
+
+def _classifier_dataset(columns, batch_size, seed):
+    return classifier_dataset(columns["image"], labels=columns.get("label"), targets=columns.get("target"),
+                              weights=columns["weight"], batch_size=batch_size, seed=seed)
 
 
 def _copy_weights(teacher, student):
@@ -169,19 +210,21 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
             unique = np.unique(chosen)
             row["pseudo_label_accuracy"] = float(np.mean(predicted[unique] == truth[unique])) if len(unique) else None
 
-        images = np.concatenate([images_l, unlabelled_images[chosen]])
-        weights = np.concatenate([np.ones(len(labels_l), np.float32),
-                                  np.full(len(chosen), student.unlabelled_weight, np.float32)])
+        labelled_columns = {"image": images_l, "weight": np.ones(len(labels_l), np.float32)}
+        pseudo_columns = {"image": unlabelled_images[chosen],
+                          "weight": np.full(len(chosen), student.unlabelled_weight, np.float32)}
         if student.hard_labels:
-            target_args = {"labels": np.concatenate([labels_l, pseudo_targets])}
+            labelled_columns["label"], pseudo_columns["label"] = labels_l, np.asarray(pseudo_targets, np.int64)
         else:
-            one_hot = np.eye(student.num_classes, dtype=np.float32)[labels_l]
-            target_args = {"targets": np.concatenate([one_hot, pseudo_targets.astype(np.float32)])}
+            labelled_columns["target"] = np.eye(student.num_classes, dtype=np.float32)[labels_l]
+            pseudo_columns["target"] = np.asarray(pseudo_targets, np.float32).reshape(-1, student.num_classes)
         if student.init_from_teacher:
             _copy_weights(teacher, student)
         student_epochs, student_steps = student.student_budget(epochs, steps)
-        history = fit_classifier(student, images, weights=weights, epochs=student_epochs, batch_size=batch_size,
-                                 steps=student_steps, seed=seed + round_index, verbose=verbose, **target_args)
+        dataset = student_dataset(labelled_columns, pseudo_columns, batch_size, student.unlabelled_ratio,
+                                  seed=seed + round_index)
+        history = fit_classifier(student, dataset=dataset, num_examples=len(labels_l) + len(chosen),
+                                 epochs=student_epochs, batch_size=batch_size, steps=student_steps, verbose=verbose)
         metrics.append(evaluate(student, round_index, train_loss=float(history["loss"][-1]), **row))
         if checkpoint:
             checkpoint.save(student, metrics)
