@@ -15,8 +15,9 @@ Budgets (per model): supervised-only, fine-tuning and every pseudo-labelling mod
 train 1,000 steps of 64 labelled (+ pseudo-labelled) images; pseudo-label and Noisy
 Student add 3 rounds (a teacher then 3 students); FixMatch trains --fixmatch_steps
 steps of 64 labelled + 448 unlabelled images (weak + strong views);
---student_steps_scale=K gives the pseudo-label and Noisy Student students K times the
-teacher's steps (their rows and run directories are marked). With
+--pl_student_steps_scale / --ns_student_steps_scale give the students that many times
+the teacher's steps (1 and 3 by default; rows and run directories other than 1x are
+marked). With
 --ssl_encoder, four more rows start from that published self-supervised encoder
 (fine-tune, pseudo-label, Noisy Student, FixMatch; for the two self-training methods
 the teacher and every student are built from it): it was pretrained on the same 60k
@@ -37,8 +38,10 @@ flags.DEFINE_string("zoo_store", None, "Zoo store holding --ssl_encoder (default
 flags.DEFINE_list("splits", ["100", "1pct"], "Labelled splits: 100 (10 per class) and/or 1pct (1%).")
 flags.DEFINE_list("fixmatch_steps", ["100:3000", "1pct:2000"], "FixMatch training steps per split (multiples of 50).")
 flags.DEFINE_list("fixmatch_scratch_splits", ["100", "1pct"], "Splits that also get FixMatch from a random init.")
-flags.DEFINE_float("student_steps_scale", 1.0, "Pseudo-label / Noisy Student students train this many times "
-                   "the teacher's 1,000 steps (run directories get a _s<scale> suffix when not 1).")
+flags.DEFINE_float("pl_student_steps_scale", 1.0, "Pseudo-label students train this many times the teacher's "
+                   "1,000 steps (run directories get a _s<scale> suffix when not 1).")
+flags.DEFINE_float("ns_student_steps_scale", 3.0, "Noisy Student students train this many times the teacher's "
+                   "1,000 steps (the paper trains students at least as long as teachers; _s<scale> suffix).")
 flags.DEFINE_integer("seed", 0, "Seed of the labelled split, weights and augmentations.")
 flags.DEFINE_string("out", "benchmarks/results/label_efficiency", "Output path without extension.")
 
@@ -58,26 +61,31 @@ def runs(split):
     label_flag = SPLIT_FLAGS[split]
     steps = dict(item.split(":") for item in FLAGS.fixmatch_steps)[split]
     fixmatch = ["--recipe=fixmatch", f"--epochs={int(steps) // 50}", "--steps_per_epoch=50"]
-    scale = FLAGS.student_steps_scale
-    longer = {} if scale == 1 else {"student_steps_scale": scale}
-    suffix, students = ("", "") if scale == 1 else (f"_s{scale:g}", f", students {scale:g}x steps")
-    pseudo_label, noisy_student = hparams_flag(longer), hparams_flag({"per_class": 3000, **longer})
+    pseudo_label, pl_suffix, pl_note = _student_settings(FLAGS.pl_student_steps_scale)
+    noisy_student, ns_suffix, ns_note = _student_settings(FLAGS.ns_student_steps_scale, per_class=3000)
     rows = [("supervised only", f"sup{split}", ["--recipe=finetune", *THOUSAND_STEPS]),
-            (f"pseudo-label (3 rounds{students})", f"pl{split}{suffix}",
+            (f"pseudo-label (3 rounds{pl_note})", f"pl{split}{pl_suffix}",
              ["--recipe=pseudo_label", *THOUSAND_STEPS, *pseudo_label]),
-            (f"Noisy Student (3 rounds{students})", f"ns{split}{suffix}",
+            (f"Noisy Student (3 rounds{ns_note})", f"ns{split}{ns_suffix}",
              ["--recipe=noisy_student", *THOUSAND_STEPS, *noisy_student])]
     if split in FLAGS.fixmatch_scratch_splits:
         rows.append(("FixMatch", f"fixmatch{split}", fixmatch))
     if FLAGS.ssl_encoder:
         init = [f"--init_from={FLAGS.ssl_encoder}"] + ([f"--zoo_store={FLAGS.zoo_store}"] if FLAGS.zoo_store else [])
         rows.append(("SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
-        rows.append((f"SSL encoder + pseudo-label{students}", f"pl_ssl{split}{suffix}",
+        rows.append((f"SSL encoder + pseudo-label{pl_note}", f"pl_ssl{split}{pl_suffix}",
                      ["--recipe=pseudo_label", *THOUSAND_STEPS, *pseudo_label, *init]))
-        rows.append((f"SSL encoder + Noisy Student{students}", f"ns_ssl{split}{suffix}",
+        rows.append((f"SSL encoder + Noisy Student{ns_note}", f"ns_ssl{split}{ns_suffix}",
                      ["--recipe=noisy_student", *THOUSAND_STEPS, *noisy_student, *init]))
         rows.append(("SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
     return [(row, name, [*COMMON, *flags_, label_flag, f"--seed={FLAGS.seed}"]) for row, name, flags_ in rows]
+
+
+def _student_settings(scale, **hparams):
+    """(--hparams flag, run-directory suffix, row note) for students trained `scale` x the teacher's steps."""
+    if scale == 1:
+        return hparams_flag(hparams), "", ""
+    return hparams_flag({**hparams, "student_steps_scale": f"{scale:g}"}), f"_s{scale:g}", f", students {scale:g}x steps"
 
 
 def run_or_reuse(run_dir, args):

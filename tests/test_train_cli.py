@@ -158,7 +158,7 @@ def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp
 
 
 @pytest.mark.parametrize("recipe, hparams", [("finetune", ""), ("fixmatch", "mu=2"), ("pseudo_label", "rounds=1"),
-                                             ("noisy_student", "rounds=1")])
+                                             ("noisy_student", "rounds=1,student_steps_scale=1.5")])
 def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams, data_dir, tmp_path):
     import zoo
 
@@ -181,6 +181,9 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     assert metrics["classifier"]["protocol"]["steps_per_model"] == 2  # --epochs x --steps_per_epoch
     if recipe in ("pseudo_label", "noisy_student"):
         assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+        protocol = metrics["classifier"]["protocol"]
+        assert protocol["steps_per_student"] == (3 if recipe == "noisy_student" else 2)
+        assert protocol["unlabelled_ratio"] == (3.0 if recipe == "noisy_student" else None)
     assert (tmp_path / "encoder.keras").exists()
     if recipe != "finetune":  # the long ones keep what they trained (resume: tests/test_semi_resume.py)
         assert any((tmp_path / "checkpoints").iterdir())

@@ -67,6 +67,9 @@ def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None,
                 "labels_per_class": labels_per_class, "label_fraction": label_fraction, "epochs": epochs,
                 "steps_per_model": steps,
                 "batch_size": batch_size, "seed": seed}
+    if recipe in ("pseudo_label", "noisy_student"):
+        protocol["steps_per_student"] = model.student_budget(epochs, steps)[1]
+        protocol["unlabelled_ratio"] = model.unlabelled_ratio
     metrics["classifier"] = {"accuracy": float(metrics["test_accuracy"]), "protocol": protocol}
     encoder = getattr(model, "exported_encoder", model.encoder)
     return model, encoder, _plain(metrics)
