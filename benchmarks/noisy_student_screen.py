@@ -25,7 +25,6 @@ from recipes import data
 from recipes.semi.cli import labelled_split
 from recipes.semi.finetune import default_optimizer, fit_classifier
 from recipes.semi.noisy_student import NoisyStudent
-from recipes.semi.self_training import student_dataset
 from zoo import backbones
 
 FLAGS = flags.FLAGS
@@ -72,17 +71,13 @@ def main(argv):
         student = NoisyStudent(_encoder(), 10, **{"per_class": FLAGS.per_class, "seed": FLAGS.seed + 1, **arguments})
         student.compile(optimizer=default_optimizer())
         chosen, targets = student.pseudo_labels(probabilities)
-        labelled = {"image": images_l, "weight": np.ones(len(labels_l), np.float32)}
-        pseudo = {"image": images_u[chosen], "weight": np.full(len(chosen), student.unlabelled_weight, np.float32)}
-        if student.hard_labels:
-            labelled["label"], pseudo["label"] = labels_l, targets
-        else:
-            labelled["target"], pseudo["target"] = np.eye(10, dtype=np.float32)[labels_l], targets
-        dataset = student_dataset(labelled, pseudo, FLAGS.batch_size, student.unlabelled_ratio, FLAGS.seed + 1)
+        dataset = student.student_dataset(images_l, labels_l, images_u[chosen], targets, FLAGS.batch_size,
+                                          seed=FLAGS.seed + 1)
         history = fit_classifier(student, dataset=dataset, steps=steps, batch_size=FLAGS.batch_size)
         row = {"variant": json.loads(variant), "steps": steps, "unlabelled_ratio": student.unlabelled_ratio,
                "num_pseudo_labelled": int(len(chosen)),
-               "pseudo_label_accuracy": float(np.mean(probabilities.argmax(1)[chosen] == truth_u[chosen])),
+               "pseudo_label_accuracy": (float(np.mean(probabilities.argmax(1)[chosen] == truth_u[chosen]))
+                                         if len(chosen) else None),
                "train_loss": float(history["loss"][-1]), "test_accuracy": student.accuracy(test_x, test_y),
                "seconds": round(time.time() - start, 1)}
         result["students"].append(row)

@@ -90,6 +90,17 @@ class SelfTrainingMixin:
         return select_pseudo_labels(probabilities, self.threshold, self.per_class, self.fill_classes,
                                     self.hard_labels)
 
+    def student_dataset(self, images_l, labels_l, pseudo_images, pseudo_targets, batch_size, seed=0):
+        """Endless training batches of a student: its labels and pseudo-labels, weighted and mixed."""
+        labelled = {"image": images_l, "weight": np.ones(len(labels_l), np.float32)}
+        pseudo = {"image": pseudo_images, "weight": np.full(len(pseudo_images), self.unlabelled_weight, np.float32)}
+        if self.hard_labels:
+            labelled["label"], pseudo["label"] = labels_l, np.asarray(pseudo_targets, np.int64)
+        else:
+            labelled["target"] = np.eye(self.num_classes, dtype=np.float32)[labels_l]
+            pseudo["target"] = np.asarray(pseudo_targets, np.float32).reshape(-1, self.num_classes)
+        return student_dataset(labelled, pseudo, batch_size, self.unlabelled_ratio, seed)
+
 
 def student_dataset(labelled, pseudo, batch_size, unlabelled_ratio=None, seed=0):
     """Endless student batches from labelled and pseudo-labelled column dicts.
@@ -210,19 +221,11 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
             unique = np.unique(chosen)
             row["pseudo_label_accuracy"] = float(np.mean(predicted[unique] == truth[unique])) if len(unique) else None
 
-        labelled_columns = {"image": images_l, "weight": np.ones(len(labels_l), np.float32)}
-        pseudo_columns = {"image": unlabelled_images[chosen],
-                          "weight": np.full(len(chosen), student.unlabelled_weight, np.float32)}
-        if student.hard_labels:
-            labelled_columns["label"], pseudo_columns["label"] = labels_l, np.asarray(pseudo_targets, np.int64)
-        else:
-            labelled_columns["target"] = np.eye(student.num_classes, dtype=np.float32)[labels_l]
-            pseudo_columns["target"] = np.asarray(pseudo_targets, np.float32).reshape(-1, student.num_classes)
         if student.init_from_teacher:
             _copy_weights(teacher, student)
         student_epochs, student_steps = student.student_budget(epochs, steps)
-        dataset = student_dataset(labelled_columns, pseudo_columns, batch_size, student.unlabelled_ratio,
-                                  seed=seed + round_index)
+        dataset = student.student_dataset(images_l, labels_l, unlabelled_images[chosen], pseudo_targets,
+                                          batch_size, seed=seed + round_index)
         history = fit_classifier(student, dataset=dataset, num_examples=len(labels_l) + len(chosen),
                                  epochs=student_epochs, batch_size=batch_size, steps=student_steps, verbose=verbose)
         metrics.append(evaluate(student, round_index, train_loss=float(history["loss"][-1]), **row))
