@@ -35,9 +35,11 @@ class PseudoLabel(SelfTrainingMixin, FineTune):
         freeze_encoder, label_count, seed: as in `FineTune` (Lee uses dropout; weak
         augmentation is the default input noise here).
       rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
-        init_from_teacher, student_steps_scale, unlabelled_ratio: as in `SelfTrainingMixin`. Defaults: 3 rounds, hard
-        labels with confidence >= 0.95, no class balancing, weight 1, the student
-        continues from the teacher.
+        init_from_teacher, student_steps_scale, unlabelled_ratio: as in
+        `SelfTrainingMixin`. Defaults: 3 rounds, hard labels with confidence >= 0.95,
+        no class balancing, weight 1, the student continues from the teacher, labelled
+        and pseudo-labelled images in one shuffled set (a fixed ratio measured worse
+        for this recipe, README).
     """
 
     def __init__(self, encoder, num_classes, rounds=3, threshold=0.95, hard_labels=True, per_class=None,
