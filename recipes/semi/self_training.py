@@ -49,8 +49,8 @@ class SelfTrainingMixin:
       unlabelled_ratio: pseudo-labelled rows per labelled row in every student batch
         (the Noisy Student code's `unlabel_ratio`; Lee 2013's loss also averages the two
         parts separately). None: one shuffled set, where 100 labels among 30,000
-        pseudo-labels are seen about twice per student and the teacher's mistakes go
-        uncorrected. The batch size stays the same; the labelled rows are cycled.
+        pseudo-labels are seen about twice per student. The batch size stays the same;
+        the labelled rows are cycled.
     """
 
     def _init_self_training(self, rounds, threshold, hard_labels, per_class, fill_classes,
