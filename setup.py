@@ -20,7 +20,7 @@ setup(
         "numpy==2.4.6",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "tf2onnx==1.17.0", "onnx==1.23.2", "onnxruntime==1.32.0"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "pytest-xdist==3.8.0", "tf2onnx==1.17.0", "onnx==1.23.2", "onnxruntime==1.32.0"],
         "bench": ["matplotlib==3.11.2", "scikit-learn==1.9.1"],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},
