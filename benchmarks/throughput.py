@@ -57,7 +57,7 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
     total = FLAGS.warmup + FLAGS.steps
     keras.utils.set_random_seed(FLAGS.seed)
     with strategy.scope():
-        encoder = backbones.build(backbone, shape, FLAGS.width)
+        encoder = backbones.build(backbone, shape, FLAGS.width, norm=recipe_cls.backbone_norm)
         hparams = fmnist_settings.hparams(recipe_name, epochs=1) if FLAGS.settings == "fmnist" else {}
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total, num_examples=batch_size * 4)
         recipe.compile(optimizer=make_optimizer("sgd", 0.01, 5e-4, total, 0))
@@ -72,7 +72,8 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
         started = time.perf_counter()
         recipe.fit(dataset, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
         seconds.append(time.perf_counter() - started)
-    return {"recipe": recipe_name, "backbone": backbone, "width": FLAGS.width, "batch_size": batch_size,
+    return {"recipe": recipe_name, "backbone": backbone, "backbone_norm": recipe_cls.backbone_norm,
+            "width": FLAGS.width, "batch_size": batch_size,
             "strategy": strategy_name, "settings": FLAGS.settings, "replicas": strategy.num_replicas_in_sync,
             "image_shape": list(shape), "steps": FLAGS.steps, "seconds_per_repeat": [round(s, 3) for s in seconds],
             "images_per_sec": round(FLAGS.steps * batch_size / min(seconds), 1)}

@@ -68,6 +68,8 @@ class Recipe(keras.Model):
     """
 
     recipe_name = "base"
+    # Normalization of the backbone `recipes.train` builds for this recipe (zoo.backbones.NORMS).
+    backbone_norm = "batch"
 
     def __init__(self, encoder: keras.Model, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

@@ -34,6 +34,8 @@ flags.DEFINE_string("train_split", "train", "Split to pretrain on (labels unused
 flags.DEFINE_string("test_split", "test", "Split for the final kNN / linear-probe evaluation.")
 flags.DEFINE_string("backbone", "resnet18_small", "Encoder (see zoo.backbones.BACKBONES).")
 flags.DEFINE_float("width", 0.25, "Channel width multiplier of the backbone.")
+flags.DEFINE_enum("backbone_norm", None, ["batch", "layer"],
+                  "Normalization in the backbone (default: the recipe's; layer for CPC as in CPC v2, else batch).")
 flags.DEFINE_integer("epochs", 10, "Training epochs.")
 flags.DEFINE_integer("steps_per_epoch", None, "Optional cap on steps per epoch (default: one pass).")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (split across replicas).")
@@ -67,7 +69,7 @@ flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as
 
 # Flags a zoo card can fill in, and the run.json key each one comes from.
 _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_split", "backbone": "backbone",
-               "width": "backbone_width", "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
+               "width": "backbone_width", "backbone_norm": "backbone_norm", "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
                "warmup_epochs": "warmup_epochs", "seed": "seed"}
 
@@ -261,10 +263,18 @@ def load_epoch_seconds(model_dir, epochs_done) -> list:
         return [float(s) for s in json.load(f)][:epochs_done]
 
 
+def backbone_norm() -> str:
+    """--backbone_norm, or the recipe's own choice."""
+    from recipes.base import get_recipe_class
+
+    return FLAGS.backbone_norm or get_recipe_class(FLAGS.recipe).backbone_norm
+
+
 def run_facts(strategy, train_images) -> dict:
     """The run.json fields every recipe shares: what was trained on what, how."""
     return {
         "recipe": FLAGS.recipe, "backbone": FLAGS.backbone, "backbone_width": FLAGS.width,
+        "backbone_norm": backbone_norm(),
         "init_from": FLAGS.init_from, "input_shape": list(train_images.shape[1:]), "dataset": FLAGS.dataset,
         "train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "epochs": FLAGS.epochs,
         "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer, "lr": FLAGS.lr,
@@ -372,7 +382,7 @@ def train(argv=None) -> dict:
             import zoo
 
             return zoo.load(FLAGS.init_from, store=FLAGS.zoo_store)
-        return backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width)
+        return backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width, norm=backbone_norm())
 
     if FLAGS.recipe in LABEL_RECIPES:
         return train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, FLAGS.steps_per_epoch,

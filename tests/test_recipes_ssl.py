@@ -27,12 +27,12 @@ def _images(n=16, seed=0):
     return np.random.RandomState(seed).randint(0, 256, (n, *SHAPE)).astype("uint8")
 
 
-def _encoder():
-    return backbones.build("resnet18_small", SHAPE, width=0.125)
+def _encoder(norm="batch"):
+    return backbones.build("resnet18_small", SHAPE, width=0.125, norm=norm)
 
 
-def _maker(name, **config):
-    return lambda: get_recipe_class(name)(_encoder(), bn_splits=2, **config)
+def _maker(name, norm="batch", **config):
+    return lambda: get_recipe_class(name)(_encoder(norm), bn_splits=2, **config)
 
 
 def _loss_drops_on_fixed_views(recipe, batch, steps=4, learning_rate=0.02):
@@ -124,8 +124,8 @@ def test_npid_learns_and_asks_for_the_index():
 
 
 # ---- CPC v2 ---------------------------------------------------------------------------
-def _cpc():
-    return _maker("cpc", prediction_steps=2, context_dim=16)
+def _cpc():  # CPC v2's layer-norm patch encoder, what recipes.train builds for it
+    return _maker("cpc", norm=CPC.backbone_norm, prediction_steps=2, context_dim=16)
 
 
 def test_cpc_one_vs_two_replicas_and_learning():
@@ -148,6 +148,8 @@ def test_cpc_context_is_causal_top_to_bottom():
 
 def test_cpc_published_encoder_pools_the_patch_encoder_and_reloads(tmp_path):
     recipe = _cpc()()
+    assert CPC.backbone_norm == "layer"
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in recipe.patch_encoder.layers)
     images = _images(2)
     assert recipe.encoder.input_shape[1:] == SHAPE
     patches = tf.image.extract_patches(tf.cast(images, tf.float32), [1, 8, 8, 1], [1, 4, 4, 1], [1, 1, 1, 1],

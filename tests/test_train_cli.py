@@ -141,7 +141,8 @@ def test_two_workers_multi_worker_mirrored_end_with_identical_weights(data_dir, 
 
 def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp_path):
     env = _env(data_dir, ZOO_HOME=str(tmp_path / "zoo"))
-    first = _train([*SMALL, "--epochs=1", "--lr=0.02", f"--model_dir={tmp_path / 'a'}", "--publish_as=tiny_moco"], env)
+    first = _train([*SMALL, "--epochs=1", "--lr=0.02", "--backbone_norm=layer", f"--model_dir={tmp_path / 'a'}",
+                    "--publish_as=tiny_moco"], env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "Published tiny_moco:1" in first.stdout
     # Only --zoo_entry, a new dir and a shorter schedule: everything else comes from the card.
@@ -152,9 +153,22 @@ def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp
     run_a = json.loads((tmp_path / "a" / "run.json").read_text())
     run_b = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run_b["recipe_config"] == run_a["recipe_config"]
-    assert (run_b["backbone"], run_b["backbone_width"], run_b["dataset"], run_b["lr"]) == \
-        (run_a["backbone"], run_a["backbone_width"], run_a["dataset"], 0.02)
+    assert (run_b["backbone"], run_b["backbone_width"], run_b["backbone_norm"], run_b["dataset"], run_b["lr"]) == \
+        (run_a["backbone"], run_a["backbone_width"], "layer", run_a["dataset"], 0.02)
     assert run_b["retrained_from"] == "tiny_moco" and run_b["steps_per_epoch"] == 2
+
+
+def test_cpc_trains_a_layer_norm_encoder_by_default(data_dir, tmp_path):
+    args = [*SMALL[:-1], "--recipe=cpc", "--batch_size=8", "--epochs=1", "--steps_per_epoch=1",
+            "--hparams=prediction_steps=1,context_dim=8", f"--model_dir={tmp_path}"]
+    result = _train(args, _env(data_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "run.json").read_text())["backbone_norm"] == "layer"
+    import keras
+
+    import zoo.backbones  # noqa: F401  (registers the custom layers)
+    names = [w.path for w in keras.saving.load_model(tmp_path / "encoder.keras").weights]
+    assert any("_ln/" in name for name in names) and not any("_bn/" in name for name in names)
 
 
 @pytest.mark.parametrize("recipe, hparams", [("finetune", ""), ("fixmatch", "mu=2"), ("pseudo_label", "rounds=1"),

@@ -1,4 +1,5 @@
-"""Stochastic depth on the zoo's ResNets: a training-time noise that leaves inference alone."""
+"""The zoo's ResNets: layer-norm variant, and stochastic depth (a training-time noise that leaves
+inference alone)."""
 
 import keras
 import numpy as np
@@ -77,3 +78,23 @@ def test_an_encoder_without_residual_blocks_is_refused_with_the_way_out():
     flat = keras.Model(images, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(images)))
     with pytest.raises(ValueError, match="rate 0"):
         backbones.with_stochastic_depth(flat, 0.2)
+
+
+def test_layer_norm_encoder_normalizes_each_example_alone(images, tmp_path):
+    keras.utils.set_random_seed(0)
+    encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125, norm="layer")
+    assert encoder.name.endswith("_ln")
+    kinds = {type(layer) for layer in encoder.layers}
+    assert keras.layers.GroupNormalization in kinds and keras.layers.BatchNormalization not in kinds
+    # In training mode too, an example's features do not depend on the rest of the batch
+    # (with BatchNorm they do): what CPC v2 needs so patches cannot share statistics.
+    alone = np.asarray(encoder(images[:4], training=True))
+    with_others = np.asarray(encoder(np.concatenate([images[:4], 255 - images[4:]]), training=True))[:4]
+    np.testing.assert_allclose(alone, with_others, rtol=1e-5, atol=1e-6)
+    batch_norm = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+    assert not np.allclose(batch_norm(images[:4], training=True),
+                           np.asarray(batch_norm(np.concatenate([images[:4], 255 - images[4:]]), training=True))[:4])
+    encoder.save(tmp_path / "ln.keras")
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "ln.keras")(images), encoder(images), atol=1e-6)
+    with pytest.raises(ValueError, match="batch, layer"):
+        backbones.build("resnet18_small", (16, 16, 1), norm="instance")

@@ -27,6 +27,13 @@ _STEMS = ("imagenet", "small")
 
 BACKBONES = ("resnet18", "resnet50", "resnet18_small", "resnet50_small")
 
+# Normalization after each convolution. "batch": BatchNorm, the ResNet default. "layer":
+# each example normalized over its own H x W x C with per-channel scale and offset
+# (GroupNorm with one group; TF's `layer_norm` over a conv map), so no example's output
+# depends on the rest of the batch. CPC v2 (Henaff et al. 2019, sec. 4) uses it: with
+# BatchNorm, patches of one image share statistics with the patches they must predict.
+NORMS = ("batch", "layer")
+
 
 @keras.saving.register_keras_serializable(package="ssl_zoo")
 class ImageNormalization(layers.Layer):
@@ -113,29 +120,32 @@ def with_stochastic_depth(encoder: keras.Model, final_rate: float, seed: int = 0
     return noisy
 
 
-def _conv_bn(x, filters, kernel, strides, name, relu=True):
+def _conv_norm(x, filters, kernel, strides, name, norm, relu=True):
     x = layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
+    if norm == "layer":
+        x = layers.GroupNormalization(groups=1, epsilon=_BN["epsilon"], name=f"{name}_ln")(x)
+    else:
+        x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _basic_block(x, filters, strides, name):
+def _basic_block(x, filters, strides, name, norm):
     shortcut = x
-    y = _conv_bn(x, filters, 3, strides, f"{name}_1")
-    y = _conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
+    y = _conv_norm(x, filters, 3, strides, f"{name}_1", norm)
+    y = _conv_norm(y, filters, 3, 1, f"{name}_2", norm, relu=False)
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", relu=False)
+        shortcut = _conv_norm(x, filters, 1, strides, f"{name}_proj", norm, relu=False)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
-def _bottleneck_block(x, filters, strides, name):
+def _bottleneck_block(x, filters, strides, name, norm):
     out_filters = 4 * filters
     shortcut = x
-    y = _conv_bn(x, filters, 1, 1, f"{name}_1")
-    y = _conv_bn(y, filters, 3, strides, f"{name}_2")
-    y = _conv_bn(y, out_filters, 1, 1, f"{name}_3", relu=False)
+    y = _conv_norm(x, filters, 1, 1, f"{name}_1", norm)
+    y = _conv_norm(y, filters, 3, strides, f"{name}_2", norm)
+    y = _conv_norm(y, out_filters, 1, 1, f"{name}_3", norm, relu=False)
     if strides != 1 or x.shape[-1] != out_filters:
-        shortcut = _conv_bn(x, out_filters, 1, strides, f"{name}_proj", relu=False)
+        shortcut = _conv_norm(x, out_filters, 1, strides, f"{name}_proj", norm, relu=False)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
@@ -146,7 +156,7 @@ def _parse(name: str) -> tuple[str, str]:
     return depth, stem or "imagenet"
 
 
-def build(name: str, input_shape, width: float = 1.0, mean=None, std=None) -> keras.Model:
+def build(name: str, input_shape, width: float = 1.0, mean=None, std=None, norm: str = "batch") -> keras.Model:
     """Builds the named encoder.
 
     Args:
@@ -156,6 +166,8 @@ def build(name: str, input_shape, width: float = 1.0, mean=None, std=None) -> ke
         encoders use 0.25-0.5).
       mean, std: per-image-channel normalization statistics in [0, 1] units; scalars or
         length-C lists. Defaults map [0, 255] to roughly [-2, 2].
+      norm: "batch" (BatchNorm) or "layer" (per-example normalization, see `NORMS`);
+        a layer-norm encoder's name ends in "_ln".
 
     Returns:
       A `keras.Model` from images (N, H, W, C) in [0, 255] to features (N, D).
@@ -168,6 +180,8 @@ def build(name: str, input_shape, width: float = 1.0, mean=None, std=None) -> ke
     depth, stem = _parse(name)
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}.")
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}. Valid norms: {', '.join(NORMS)}.")
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {input_shape}.")
@@ -180,14 +194,15 @@ def build(name: str, input_shape, width: float = 1.0, mean=None, std=None) -> ke
     )(images)
     stem_filters = max(8, int(round(64 * width)))
     if stem == "small":
-        x = _conv_bn(x, stem_filters, 3, 1, "stem")
+        x = _conv_norm(x, stem_filters, 3, 1, "stem", norm)
     else:
-        x = _conv_bn(x, stem_filters, 7, 2, "stem")
+        x = _conv_norm(x, stem_filters, 7, 2, "stem", norm)
         x = layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
     for stage, num_blocks in enumerate(blocks_per_stage):
         filters = max(8, int(round(64 * width * 2**stage)))
         for i in range(num_blocks):
             strides = 2 if (i == 0 and stage > 0) else 1
-            x = block(x, filters, strides, name=f"stage{stage + 1}_block{i + 1}")
+            x = block(x, filters, strides, name=f"stage{stage + 1}_block{i + 1}", norm=norm)
     features = layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(images, features, name=f"{name}_w{width:g}".replace(".", "p"))
+    suffix = "_ln" if norm == "layer" else ""
+    return keras.Model(images, features, name=f"{name}_w{width:g}{suffix}".replace(".", "p"))

@@ -25,7 +25,7 @@ CARD_SCHEMA_VERSION = 1
 
 # run.json keys the card lifts to its top level (the whole run.json is kept under "run").
 RUN_FIELDS = (
-    "recipe", "recipe_config", "backbone", "backbone_width", "dataset", "train_split", "epochs", "seed",
+    "recipe", "recipe_config", "backbone", "backbone_width", "backbone_norm", "dataset", "train_split", "epochs", "seed",
     "strategy", "num_replicas", "wall_time_s", "images_per_sec", "git_commit",
 )
 # What a card must carry to rerun its recipe (`--zoo_entry`).

@@ -26,10 +26,12 @@ the patches, `TimeDistributed` runs the shared patch encoder on each, and global
 average pooling averages them; it therefore loads and serves without this module.
 `recipe.encoder` is that model; `recipe.patch_encoder` is the backbone on one patch.
 
-Known difference: CPC v2 replaces BatchNorm in the encoder by LayerNorm, because BN
-statistics computed over patches of the same image can leak information between the
-context and the targets. The zoo's backbones use BN; its statistics here come from
-all the patches of a BN group (several images), which dilutes that leak.
+Normalization: CPC v2 replaces BatchNorm in the encoder by layer normalization (sec.
+4.1), because batch statistics computed over patches of one image let information
+pass between the context and the patches it predicts. `recipes.train` therefore builds
+CPC's backbone with `norm="layer"` (`backbone_norm`; `--backbone_norm=batch` gives the
+BatchNorm encoder of the quality table's CPC row, where a BN group's statistics come
+from the patches of several images).
 """
 
 import keras
@@ -105,6 +107,9 @@ def grid_encoder(patch_encoder, image_shape, patch_size, patch_stride, name) -> 
 class CPC(Recipe):
     """CPC v2.
 
+    Build the encoder with `zoo.backbones.build(..., norm="layer")` to follow the paper
+    (what `recipes.train` does); a BatchNorm encoder trains too.
+
     Args:
       encoder: backbone; it becomes the patch encoder (same layers and weights, taking
         patch_size x patch_size inputs).
@@ -117,6 +122,8 @@ class CPC(Recipe):
       view_policy: per-patch augmentation fields to change from `CPC_PATCH` (a dict).
       seed: augmentation seed.
     """
+
+    backbone_norm = "layer"
 
     def __init__(self, encoder, patch_size=8, patch_stride=4, prediction_steps=3, context_dim=256,
                  context_blocks=2, bn_splits=None, view_policy=None, seed=0, **kwargs):
