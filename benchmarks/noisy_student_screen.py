@@ -4,8 +4,9 @@
         --variants='{}' --variants='{"unlabelled_ratio": null}' --variants='{"dropout": 0, "stochastic_depth": 0}'
 
 Fashion-MNIST, 100 labels (10 per class, seed 0), resnet18_small width 0.25. The
-teacher is round 0 of `--recipe=noisy_student` (the same seeds, so the same 0.658
-model the full run starts from); it labels the unlabelled pool once, and each
+teacher is round 0 of `--recipe=noisy_student` (the same seeds, so the same model
+the full run starts from: un-noised by default, `--teacher_noise` for the noised 0.658
+teacher of the session-10 screens); it labels the unlabelled pool once, and each
 variant (a JSON dict of `NoisyStudent` arguments over the defaults, plus "steps")
 trains one student on those pseudo-labels. A screen, not the full method: one
 round, one seed; the full runs are in benchmarks/label_efficiency.py. Writes
@@ -24,7 +25,7 @@ from absl import app, flags
 from recipes import data
 from recipes.semi.cli import labelled_split
 from recipes.semi.finetune import default_optimizer, fit_classifier
-from recipes.semi.noisy_student import NoisyStudent
+from recipes.semi.noisy_student import UNNOISED_TEACHER, NoisyStudent
 from zoo import backbones
 
 FLAGS = flags.FLAGS
@@ -34,6 +35,7 @@ flags.DEFINE_integer("steps", 1000, "Training steps of the teacher and (unless a
 flags.DEFINE_integer("per_class", 3000, "Pseudo-labels kept per class (the label-efficiency runs' setting).")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Seed of the split, weights and augmentations.")
+flags.DEFINE_bool("teacher_noise", False, "Train the teacher under the student's noise (NoisyStudent teacher_noise).")
 flags.DEFINE_string("out", "benchmarks/results/noisy_student_screen.json", "Output JSON.")
 
 
@@ -51,13 +53,15 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)  # as recipes.train: round 0's weights match the full run's
 
     start = time.time()
-    teacher = NoisyStudent(_encoder(), 10, per_class=FLAGS.per_class, seed=FLAGS.seed)
+    teacher_settings = {"teacher_noise": True} if FLAGS.teacher_noise else UNNOISED_TEACHER
+    teacher = NoisyStudent(_encoder(), 10, per_class=FLAGS.per_class, seed=FLAGS.seed, **teacher_settings)
     teacher.compile(optimizer=default_optimizer())
     fit_classifier(teacher, images_l, labels=labels_l, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                    seed=FLAGS.seed)
     result = {"protocol": {"dataset": "fashion_mnist", "labelled": int(len(labels_l)), "test_split": "test",
                            "backbone": "resnet18_small", "width": 0.25, "batch_size": FLAGS.batch_size,
-                           "per_class": FLAGS.per_class, "seed": FLAGS.seed},
+                           "per_class": FLAGS.per_class, "seed": FLAGS.seed,
+                           "teacher_noise": FLAGS.teacher_noise},
               "teacher": {"steps": FLAGS.steps, "test_accuracy": teacher.accuracy(test_x, test_y),
                           "seconds": round(time.time() - start, 1)},
               "students": []}

@@ -158,6 +158,18 @@ def test_student_starts_from_teacher_only_with_equal_architecture():
         _copy_weights(teacher, PseudoLabel(wider, 3))
 
 
+def test_noisy_students_first_teacher_is_unnoised_unless_asked():
+    """Algorithm 1, step 1: the first teacher learns the labels without the student's noise."""
+    labelled = _shapes(9, seed=4)
+    unlabelled, _ = _shapes(32, seed=2)
+    for teacher_noise, expected in ((False, ("weak", 0.0)), (True, ("strong", 0.5))):
+        teacher, metrics = run_noisy_student(_tiny_encoder, 3, labelled, unlabelled, steps=2, batch_size=8,
+                                             optimizer_fn=_adam, rounds=0, stochastic_depth=0,
+                                             teacher_noise=teacher_noise)
+        assert len(metrics) == 1 and (teacher.augment, teacher.dropout) == expected
+        assert teacher.get_config()["teacher_noise"] is teacher_noise
+
+
 def test_noisy_student_beats_its_teacher():
     """One round on a task where 9 labels leave the teacher at ~89% test accuracy.
 
