@@ -17,6 +17,12 @@ confidence >= `threshold` (optionally the top `per_class` per class), retrain on
 labelled + pseudo-labelled with weight `unlabelled_weight` (a constant alpha per
 round), repeat. The student continues from the teacher's weights by default
 (`init_from_teacher=True`), as Lee's single network does.
+
+On Fashion-MNIST with 100 labels that default gains ~3 points over three rounds; fresh
+students trained under the strong view for three times the teacher's steps
+(`init_from_teacher=False, augment="strong", student_steps_scale=3`) gained 3.3 over a
+teacher trained with the same view, and 8.3 over the flip-and-translate supervised
+model (README, "Few labels").
 """
 
 from __future__ import annotations
