@@ -31,6 +31,8 @@ flags.DEFINE_list("recipes", ["moco"], "Recipes to time ('all' for every registe
 flags.DEFINE_list("backbones", ["resnet18_small"], "Backbones.")
 flags.DEFINE_list("batch_sizes", ["256"], "Global batch sizes.")
 flags.DEFINE_list("strategies", ["default"], "default, or mirrored2 (2 logical CPU replicas).")
+flags.DEFINE_enum("backbone_norm", None, ["batch", "layer"], "Backbone normalization (default: each recipe's own, "
+                  "as recipes.train builds it).")
 flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing).")
 flags.DEFINE_integer("steps", 6, "Timed steps per repeat.")
@@ -54,10 +56,11 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
     strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if strategy_name == "mirrored2"
                 else tf.distribute.get_strategy())
     recipe_cls = get_recipe_class(recipe_name)
+    norm = FLAGS.backbone_norm or recipe_cls.backbone_norm
     total = FLAGS.warmup + FLAGS.steps
     keras.utils.set_random_seed(FLAGS.seed)
     with strategy.scope():
-        encoder = backbones.build(backbone, shape, FLAGS.width, norm=recipe_cls.backbone_norm)
+        encoder = backbones.build(backbone, shape, FLAGS.width, norm=norm)
         hparams = fmnist_settings.hparams(recipe_name, epochs=1) if FLAGS.settings == "fmnist" else {}
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total, num_examples=batch_size * 4)
         recipe.compile(optimizer=make_optimizer("sgd", 0.01, 5e-4, total, 0))
@@ -72,7 +75,7 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
         started = time.perf_counter()
         recipe.fit(dataset, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
         seconds.append(time.perf_counter() - started)
-    return {"recipe": recipe_name, "backbone": backbone, "backbone_norm": recipe_cls.backbone_norm,
+    return {"recipe": recipe_name, "backbone": backbone, "backbone_norm": norm,
             "width": FLAGS.width, "batch_size": batch_size,
             "strategy": strategy_name, "settings": FLAGS.settings, "replicas": strategy.num_replicas_in_sync,
             "image_shape": list(shape), "steps": FLAGS.steps, "seconds_per_repeat": [round(s, 3) for s in seconds],
