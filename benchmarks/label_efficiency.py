@@ -13,7 +13,9 @@ and .md.
 
 Two supervised-only rows: the default flip-and-translate augmentation (the reference
 the "vs supervised only" column uses) and the strong view (RandAugment + Cutout), which
-alone lifts 100 labels by several points. Budgets (per model): supervised-only, fine-tuning and every pseudo-labelling model
+alone lifts 100 labels by several points.
+
+Budgets (per model): supervised-only, fine-tuning and every pseudo-labelling model
 train 1,000 steps of 64 labelled (+ pseudo-labelled) images; pseudo-label and Noisy
 Student add 3 rounds (a teacher then 3 students); FixMatch trains --fixmatch_steps
 steps of 64 labelled + 448 unlabelled images (weak + strong views);

@@ -69,7 +69,8 @@ flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as
 
 # Flags a zoo card can fill in, and the run.json key each one comes from.
 _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_split", "backbone": "backbone",
-               "width": "backbone_width", "backbone_norm": "backbone_norm", "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
+               "width": "backbone_width", "backbone_norm": "backbone_norm", "epochs": "epochs",
+               "steps_per_epoch": "steps_per_epoch",
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
                "warmup_epochs": "warmup_epochs", "seed": "seed"}
 

@@ -24,12 +24,13 @@ fewer than K (`per_class=K, fill_classes=True`). Soft labels are the default (th
 paper finds them at least as good as hard ones, better out of domain). The student
 is trained from scratch by default (`init_from_teacher=False`).
 
-The first teacher is trained without the student's noise by default (`teacher_noise=False`),
-as step (1) of Algorithm 1 states: plain cross-entropy on the labelled images, here
-with the standard flip-and-translate augmentation and neither dropout nor stochastic
-depth, i.e. the supervised-only model. With few labels the noised teacher underfits:
-on Fashion-MNIST with 600 labels it ended 2.7 points below that model after the same
-1,000 steps (README). `teacher_noise=True` trains it under the student's noise. As in the paper's
+The first teacher is trained without the student's noise by default
+(`teacher_noise=False`), as step (1) of Algorithm 1 states: plain cross-entropy on
+the labelled images, here with the standard flip-and-translate augmentation and
+neither dropout nor stochastic depth, i.e. the supervised-only model. With few labels
+the noised teacher underfits: on Fashion-MNIST with 600 labels it ended 2.7 points
+below that model after the same 1,000 steps (README). `teacher_noise=True` trains it
+under the student's noise. As in the paper's
 code (`unlabel_ratio`), every student batch holds labelled and pseudo-labelled
 images at a fixed ratio (`unlabelled_ratio`, 3 by default: a quarter of each batch
 is labelled); `unlabelled_ratio=None` pools them into one shuffled set instead.
