@@ -33,7 +33,9 @@ HPARAMS = {
     # (0.8349 / 0.8592 vs 0.8326 / 0.8599) and kNN on the 128-d embedding is 2.6 points higher
     # (0.8648 vs 0.8390): a low training temperature makes the embedding itself a kNN space.
     "moco": {"queue_size": 16384, "momentum": 0.99, "temperature": 0.07, "hidden_dim": 512},
-    "simclr": {"hidden_dim": 512},
+    # T=0.1 (SimCLR's ImageNet value) over the CIFAR 0.5: at 28 epochs kNN 0.8458 / embedding 0.8663
+    # against 0.8240 / 0.8124 (README).
+    "simclr": {"hidden_dim": 512, "temperature": 0.1},
     "npid": {},
     "cpc": {},
     "byol": {"momentum_base": 0.99},
