@@ -25,7 +25,7 @@ from absl import app, flags
 from recipes import data
 from recipes.semi.cli import labelled_split
 from recipes.semi.finetune import default_optimizer, fit_classifier
-from recipes.semi.noisy_student import UNNOISED_TEACHER, NoisyStudent
+from recipes.semi.noisy_student import NoisyStudent, first_teacher_settings
 from zoo import backbones
 
 FLAGS = flags.FLAGS
@@ -53,8 +53,8 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)  # as recipes.train: round 0's weights match the full run's
 
     start = time.time()
-    teacher_settings = {"teacher_noise": True} if FLAGS.teacher_noise else UNNOISED_TEACHER
-    teacher = NoisyStudent(_encoder(), 10, per_class=FLAGS.per_class, seed=FLAGS.seed, **teacher_settings)
+    settings = first_teacher_settings({"per_class": FLAGS.per_class, "teacher_noise": FLAGS.teacher_noise})
+    teacher = NoisyStudent(_encoder(), 10, seed=FLAGS.seed, **settings)
     teacher.compile(optimizer=default_optimizer())
     fit_classifier(teacher, images_l, labels=labels_l, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                    seed=FLAGS.seed)

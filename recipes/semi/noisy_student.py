@@ -95,6 +95,11 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
         return with_stochastic_depth(self.encoder, 0.0) if self.stochastic_depth > 0 else self.encoder
 
 
+def first_teacher_settings(hyperparameters: dict) -> dict:
+    """`NoisyStudent` arguments of the round-0 teacher: un-noised unless teacher_noise=True."""
+    return dict(hyperparameters) if hyperparameters.get("teacher_noise") else {**hyperparameters, **UNNOISED_TEACHER}
+
+
 def run_noisy_student(encoder_fn, num_classes, labelled, unlabelled_images, test=None, *,
                       student_encoder_fn=None, epochs=20, steps=None, batch_size=64, heldout_unlabelled_labels=None,
                       teacher=None, optimizer_fn=None, strategy=None, seed=0, verbose=0, checkpoint_dir=None,
@@ -115,9 +120,7 @@ def run_noisy_student(encoder_fn, num_classes, labelled, unlabelled_images, test
 
     def make_model(round_index):
         if round_index == 0:
-            settings = hyperparameters if hyperparameters.get("teacher_noise") else {**hyperparameters,
-                                                                                     **UNNOISED_TEACHER}
-            return NoisyStudent(encoder_fn(), num_classes, seed=seed, **settings)
+            return NoisyStudent(encoder_fn(), num_classes, seed=seed, **first_teacher_settings(hyperparameters))
         return NoisyStudent((student_encoder_fn or encoder_fn)(), num_classes, seed=seed + round_index,
                             **hyperparameters)
 
