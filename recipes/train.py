@@ -65,6 +65,9 @@ flags.DEFINE_integer("labels_per_class", None, "Label-using recipes: labelled im
 flags.DEFINE_float("label_fraction", None, "Label-using recipes: fraction of the training split that keeps labels.")
 flags.DEFINE_string("init_from", None, "Start from this published zoo encoder (NAME or NAME:VERSION) instead of "
                     "a random one.")
+flags.DEFINE_float("student_width", None, "noisy_student: width multiplier of every student (default --width). "
+                  "The paper's students are equal or larger than their teacher; the last student is the "
+                  "published encoder.")
 flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as (default $ZOO_HOME or ~/.ssl_zoo).")
 
 # Flags a zoo card can fill in, and the run.json key each one comes from.
@@ -72,7 +75,7 @@ _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_s
                "width": "backbone_width", "backbone_norm": "backbone_norm", "epochs": "epochs",
                "steps_per_epoch": "steps_per_epoch",
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
-               "warmup_epochs": "warmup_epochs", "seed": "seed"}
+               "warmup_epochs": "warmup_epochs", "seed": "seed", "student_width": "student_width"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -282,7 +285,7 @@ def run_facts(strategy, train_images) -> dict:
         "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "seed": FLAGS.seed,
         "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
         "labels_per_class": FLAGS.labels_per_class, "label_fraction": FLAGS.label_fraction,
-        "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(),
+        "student_width": FLAGS.student_width, "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
     }
 
@@ -318,10 +321,17 @@ def train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, steps, 
     """finetune / fixmatch / pseudo_label / noisy_student; checkpoints/ makes them resumable (see semi.cli)."""
     from recipes import evaluate
     from recipes.semi.cli import train_with_labels
+    from zoo import backbones
+
+    student_encoder_fn = None
+    if FLAGS.student_width is not None:  # a fresh encoder per student, even when the teacher starts --init_from
+        def student_encoder_fn():
+            return backbones.build(FLAGS.backbone, train[0].shape[1:], FLAGS.student_width, norm=backbone_norm())
 
     started = time.time()
     model, encoder, metrics = train_with_labels(
-        FLAGS.recipe, new_encoder, train, test, labels_per_class=FLAGS.labels_per_class,
+        FLAGS.recipe, new_encoder, train, test, student_encoder_fn=student_encoder_fn,
+        labels_per_class=FLAGS.labels_per_class,
         label_fraction=FLAGS.label_fraction, epochs=FLAGS.epochs, steps_per_epoch=steps,
         batch_size=FLAGS.batch_size, strategy=strategy, seed=FLAGS.seed, hparams=hparams, verbose=FLAGS.verbose,
         checkpoint_dir=os.path.join(model_dir, "checkpoints"))

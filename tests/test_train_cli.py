@@ -203,6 +203,27 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
         assert any((tmp_path / "checkpoints").iterdir())
 
 
+def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_path):
+    """The paper's students are equal or larger; the published encoder is the last (wider) student."""
+    import keras
+
+    import zoo.backbones  # noqa: F401  (registers the custom layers)
+    common = ["--dataset=synthetic_shapes", "--width=0.125", "--batch_size=16", "--epochs=1", "--steps_per_epoch=2",
+              "--labels_per_class=5", "--verbose=0", "--hparams=rounds=1,stochastic_depth=0"]
+    result = _train([*common, "--recipe=noisy_student", "--student_width=0.25", f"--model_dir={tmp_path / 'ns'}"],
+                    _env(data_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((tmp_path / "ns" / "run.json").read_text())
+    assert (run["backbone_width"], run["student_width"]) == (0.125, 0.25)
+    published = keras.saving.load_model(tmp_path / "ns" / "encoder.keras")
+    teacher_sized = zoo.backbones.build("resnet18_small", (32, 32, 3), width=0.125)
+    assert published.output_shape[-1] == 2 * teacher_sized.output_shape[-1]
+
+    refused = _train([*common, "--recipe=pseudo_label", "--student_width=0.25", f"--model_dir={tmp_path / 'pl'}"],
+                     _env(data_dir))
+    assert refused.returncode != 0 and "noisy_student" in refused.stderr
+
+
 def test_label_recipe_without_a_labelled_split_says_which_flag(data_dir, tmp_path):
     result = _train(["--recipe=finetune", "--dataset=synthetic_shapes", f"--model_dir={tmp_path}"], _env(data_dir))
     assert result.returncode != 0 and "--labels_per_class" in result.stderr

@@ -8,6 +8,8 @@ pseudo-label accuracy. Results carry their protocol like every other metric.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from recipes import data
@@ -21,14 +23,15 @@ def labelled_split(train_labels, labels_per_class=None, label_fraction=None, see
     return data.split_labelled(train_labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
 
 
-def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None, label_fraction=None, epochs=10,
-                      steps_per_epoch=None, batch_size=64, strategy=None, seed=0, hparams=None, verbose=0,
-                      checkpoint_dir=None):
+def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=None, labels_per_class=None,
+                      label_fraction=None, epochs=10, steps_per_epoch=None, batch_size=64, strategy=None, seed=0,
+                      hparams=None, verbose=0, checkpoint_dir=None):
     """Runs one label-using recipe; returns (model, exported encoder, metrics).
 
     `checkpoint_dir` makes the long ones resumable: FixMatch per logged epoch,
     Pseudo-Label and Noisy Student per finished round (fine-tuning is short and
-    restarts).
+    restarts). `student_encoder_fn` builds Noisy Student's students (default
+    `encoder_fn`), e.g. wider than the teacher.
     """
     from recipes.semi.finetune import run_finetune
     from recipes.semi.fixmatch import run_fixmatch
@@ -36,6 +39,8 @@ def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None,
     from recipes.semi.pseudo_label import run_pseudo_label
 
     hparams = dict(hparams or {})
+    if student_encoder_fn is not None and recipe != "noisy_student":
+        raise ValueError(f"A separate student encoder (--student_width) is for noisy_student, not {recipe!r}.")
     (train_x, train_y), (test_x, test_y) = train, test
     num_classes = int(max(train_y.max(), test_y.max()) + 1)
     labelled_idx, unlabelled_idx = labelled_split(train_y, labels_per_class, label_fraction, seed)
@@ -55,7 +60,9 @@ def train_with_labels(recipe, encoder_fn, train, test, *, labels_per_class=None,
                                       batch_size=batch_size, heldout_unlabelled_labels=train_y,
                                       checkpoint_dir=checkpoint_dir, **common, **hparams)
     elif recipe in ("pseudo_label", "noisy_student"):
-        run = run_pseudo_label if recipe == "pseudo_label" else run_noisy_student
+        run = run_pseudo_label
+        if recipe == "noisy_student":
+            run = functools.partial(run_noisy_student, student_encoder_fn=student_encoder_fn)
         model, rounds = run(encoder_fn, num_classes, labelled, train_x[unlabelled_idx], (test_x, test_y),
                             epochs=epochs, steps=steps, batch_size=batch_size,
                             heldout_unlabelled_labels=train_y[unlabelled_idx], checkpoint_dir=checkpoint_dir,
