@@ -66,8 +66,8 @@ flags.DEFINE_float("label_fraction", None, "Label-using recipes: fraction of the
 flags.DEFINE_string("init_from", None, "Start from this published zoo encoder (NAME or NAME:VERSION) instead of "
                     "a random one.")
 flags.DEFINE_float("student_width", None, "noisy_student: width multiplier of every student (default --width). "
-                  "The paper's students are equal or larger than their teacher; the last student is the "
-                  "published encoder.")
+                   "The paper's students are equal or larger than their teacher; the last student is the "
+                   "published encoder.")
 flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as (default $ZOO_HOME or ~/.ssl_zoo).")
 
 # Flags a zoo card can fill in, and the run.json key each one comes from.
