@@ -317,16 +317,11 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=N
         print(f"Published {ref}.")
 
 
-def train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, steps, train, test) -> dict:
+def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_dir, hparams, steps, train,
+                       test) -> dict:
     """finetune / fixmatch / pseudo_label / noisy_student; checkpoints/ makes them resumable (see semi.cli)."""
     from recipes import evaluate
     from recipes.semi.cli import train_with_labels
-    from zoo import backbones
-
-    student_encoder_fn = None
-    if FLAGS.student_width is not None:  # a fresh encoder per student, even when the teacher starts --init_from
-        def student_encoder_fn():
-            return backbones.build(FLAGS.backbone, train[0].shape[1:], FLAGS.student_width, norm=backbone_norm())
 
     started = time.time()
     model, encoder, metrics = train_with_labels(
@@ -388,16 +383,21 @@ def train(argv=None) -> dict:
 
     keras.utils.set_random_seed(FLAGS.seed)  # here: data loading may consume Python/numpy randomness
 
+    def fresh_encoder(width=FLAGS.width):
+        return backbones.build(FLAGS.backbone, train_images.shape[1:], width, norm=backbone_norm())
+
     def new_encoder():
         if FLAGS.init_from:
             import zoo
 
             return zoo.load(FLAGS.init_from, store=FLAGS.zoo_store)
-        return backbones.build(FLAGS.backbone, train_images.shape[1:], FLAGS.width, norm=backbone_norm())
+        return fresh_encoder()
 
     if FLAGS.recipe in LABEL_RECIPES:
-        return train_label_recipe(new_encoder, strategy, chief, model_dir, hparams, FLAGS.steps_per_epoch,
-                                  (train_images, train_labels), (test_images, test_labels))
+        # --student_width: a fresh encoder per student, even when the teacher starts --init_from.
+        student_encoder_fn = None if FLAGS.student_width is None else lambda: fresh_encoder(FLAGS.student_width)
+        return train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_dir, hparams,
+                                  FLAGS.steps_per_epoch, (train_images, train_labels), (test_images, test_labels))
     with strategy.scope():
         encoder = new_encoder()
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
