@@ -363,6 +363,8 @@ def train(argv=None) -> dict:
         raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. Valid backbones: {', '.join(backbones.BACKBONES)}.")
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
+    if FLAGS.student_width is not None and FLAGS.recipe != "noisy_student":  # before loading any data
+        raise ValueError(f"--student_width is for noisy_student's students, not --recipe={FLAGS.recipe}.")
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()

@@ -219,9 +219,11 @@ def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_pa
     teacher_sized = zoo.backbones.build("resnet18_small", (32, 32, 3), width=0.125)
     assert published.output_shape[-1] == 2 * teacher_sized.output_shape[-1]
 
-    refused = _train([*common, "--recipe=pseudo_label", "--student_width=0.25", f"--model_dir={tmp_path / 'pl'}"],
-                     _env(data_dir))
+    # Refused before any data is read: a dataset that does not exist is never reached.
+    refused = _train([*common, "--dataset=no_such_dataset", "--recipe=pseudo_label", "--student_width=0.25",
+                      f"--model_dir={tmp_path / 'pl'}"], _env(data_dir))
     assert refused.returncode != 0 and "noisy_student" in refused.stderr
+    assert "no_such_dataset" not in refused.stderr
 
 
 def test_label_recipe_without_a_labelled_split_says_which_flag(data_dir, tmp_path):
