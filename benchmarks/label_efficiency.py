@@ -7,7 +7,11 @@ Every row is one `python -m recipes.train` command (printed in the table), run o
 Fashion-MNIST with the same seeded labelled subset (10 per class = 100 labels, or 1%
 = 600 labels, stratified, seed 0) and the same encoder (resnet18_small, width 0.25).
 A run directory that already holds metrics.json is reused, so an interrupted
-benchmark continues where it stopped. Accuracy is the classifier's on the 10,000
+benchmark continues where it stopped. Every finished run is also recorded in
+benchmarks/results/label_efficiency/<run>.json (its command, commit and numbers): a
+record whose command matches stands in for a run directory that is gone (another
+machine, a cleaned runs/), so the table survives without retraining;
+--recorded_only tabulates what is recorded or on disk and trains nothing. Accuracy is the classifier's on the 10,000
 test images (FixMatch: its EMA model). Writes benchmarks/results/label_efficiency.json
 and .md.
 
@@ -49,6 +53,8 @@ flags.DEFINE_float("ns_student_steps_scale", 6.0, "Noisy Student students train 
                    "than 3x with 1%, README; _s<scale> suffix).")
 flags.DEFINE_integer("seed", 0, "Seed of the labelled split, weights and augmentations.")
 flags.DEFINE_string("out", "benchmarks/results/label_efficiency", "Output path without extension.")
+flags.DEFINE_string("records", "benchmarks/results/label_efficiency", "One JSON record per finished run.")
+flags.DEFINE_bool("recorded_only", False, "Tabulate the runs recorded or on disk; train nothing.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT_FLAGS = {"100": "--labels_per_class=10", "1pct": "--label_fraction=0.01"}
@@ -88,6 +94,9 @@ def runs(split):
         rows.append(("SSL encoder + fine-tune", f"ssl{split}", ["--recipe=finetune", *THOUSAND_STEPS, *init]))
         rows.append((f"SSL encoder + pseudo-label{pl_note}", f"pl_ssl{split}{pl_suffix}",
                      ["--recipe=pseudo_label", *THOUSAND_STEPS, *pseudo_label, *init]))
+        rows.append(("SSL encoder + pseudo-label (fresh students from the encoder, strong augmentation, "
+                     "students 3x steps)", f"pl_ssl{split}_fresh_strong_s3",
+                     ["--recipe=pseudo_label", *THOUSAND_STEPS, *hparams_flag(FRESH_STRONG), *init]))
         rows.append((f"SSL encoder + Noisy Student{ns_note}", f"ns_ssl{split}{ns_suffix}",
                      ["--recipe=noisy_student", *THOUSAND_STEPS, *noisy_student, *init]))
         rows.append(("SSL encoder + FixMatch", f"fixmatch_ssl{split}", [*fixmatch, *init]))
@@ -101,22 +110,49 @@ def _student_settings(scale, **hparams):
     return hparams_flag({**hparams, "student_steps_scale": f"{scale:g}"}), f"_s{scale:g}", f", students {scale:g}x steps"
 
 
-def run_or_reuse(run_dir, args):
+def result_for(row, split, name, args):
+    """The row's result: from its run directory, else its record, else by training it (None: --recorded_only)."""
+    run_dir = os.path.join(FLAGS.run_root, name)
+    record_path = os.path.join(FLAGS.records, name + ".json")
     metrics_path = os.path.join(run_dir, "metrics.json")
     if not os.path.exists(metrics_path):
+        record = _read_json(record_path)
+        if record and record["command"] == train_command(args):
+            return {**record, "method": row}
+        if FLAGS.recorded_only:
+            return None
         command = [sys.executable, "-m", "recipes.train", *args, f"--model_dir={run_dir}"]
         print(" ".join(command[1:]), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
-    with open(metrics_path) as f:
-        metrics = json.load(f)
-    with open(os.path.join(run_dir, "run.json")) as f:
-        return metrics, json.load(f)
+    run = _read_json(os.path.join(run_dir, "run.json"))
+    ran_with = {flag for flag in run["command"].split()[3:] if not flag.startswith("--model_dir=")}
+    if ran_with != set(args):  # a directory of the same name from another command: not this row's result
+        raise ValueError(f"{run_dir} was trained with other flags than the row {row!r}: it has "
+                         f"{sorted(ran_with - set(args))}, lacks {sorted(set(args) - ran_with)}. "
+                         "Move it away or pass another --run_root.")
+    result = summarize(row, split, args, _read_json(metrics_path), run)
+    os.makedirs(FLAGS.records, exist_ok=True)
+    with open(record_path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_command(args):
+    return "python -m recipes.train " + " ".join(args)
 
 
 def summarize(row, split, args, metrics, run):
     result = {"method": row, "split": split, "labelled": metrics["classifier"]["protocol"]["labelled"],
               "test_accuracy": metrics["classifier"]["accuracy"], "encoder_knn": metrics["knn"]["accuracy"],
-              "wall_time_s": run["wall_time_s"], "command": "python -m recipes.train " + " ".join(args)}
+              "wall_time_s": run["wall_time_s"], "git_commit": run.get("git_commit"),
+              "command": train_command(args)}
     if "rounds" in metrics:
         result["rounds"] = [{k: r.get(k) for k in ("round", "test_accuracy", "num_pseudo_labelled",
                                                    "pseudo_label_accuracy")} for r in metrics["rounds"]]
@@ -124,12 +160,13 @@ def summarize(row, split, args, metrics, run):
 
 
 def markdown(results):
-    lines = ["| labels | method | test accuracy | vs supervised only | training time |", "|---|---|---|---|---|"]
+    lines = ["| labels | method | test accuracy | vs supervised only | training time | commit |",
+             "|---|---|---|---|---|---|"]
     baseline = {r["split"]: r["test_accuracy"] for r in results if r["method"] == "supervised only"}
     for r in results:
         delta = r["test_accuracy"] - baseline[r["split"]] if r["split"] in baseline else float("nan")
         lines.append(f"| {r['labelled']} | {r['method']} | {r['test_accuracy']:.4f} | {delta * 100:+.1f} | "
-                     f"{r['wall_time_s'] / 60:.1f} min |")
+                     f"{r['wall_time_s'] / 60:.1f} min | {(r.get('git_commit') or '?')[:7]} |")
     lines += ["", "Commands (each in its own `--model_dir`):", ""]
     lines += [f"- {r['method']}, {r['labelled']} labels: `{r['command']}`" for r in results]
     return "\n".join(lines) + "\n"
@@ -140,9 +177,12 @@ def main(argv):
     results = []
     for split in FLAGS.splits:
         for row, name, args in runs(split):
-            metrics, run = run_or_reuse(os.path.join(FLAGS.run_root, name), args)
-            results.append(summarize(row, split, args, metrics, run))
-            print(f"{row:32s} {split:5s} {results[-1]['test_accuracy']:.4f}", flush=True)
+            result = result_for(row, split, name, args)
+            if result is None:
+                print(f"{row:32s} {split:5s} not recorded, skipped (--recorded_only)", flush=True)
+                continue
+            results.append(result)
+            print(f"{row:32s} {split:5s} {result['test_accuracy']:.4f}", flush=True)
     protocol = {"dataset": "fashion_mnist", "train_split": "train (labelled subset seeded, rest unlabelled)",
                 "test_split": "test (10,000)", "backbone": "resnet18_small", "width": 0.25, "seed": FLAGS.seed}
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
