@@ -7,13 +7,13 @@ Every row is one `python -m recipes.train` command (printed in the table), run o
 Fashion-MNIST with the same seeded labelled subset (10 per class = 100 labels, or 1%
 = 600 labels, stratified, seed 0) and the same encoder (resnet18_small, width 0.25).
 A run directory that already holds metrics.json is reused, so an interrupted
-benchmark continues where it stopped. Every finished run is also recorded in
-benchmarks/results/label_efficiency/<run>.json (its command, commit and numbers): a
-record whose command matches stands in for a run directory that is gone (another
-machine, a cleaned runs/), so the table survives without retraining;
---recorded_only tabulates what is recorded or on disk and trains nothing. Accuracy is the classifier's on the 10,000
-test images (FixMatch: its EMA model). Writes benchmarks/results/label_efficiency.json
-and .md.
+benchmark continues where it stopped (it must have been trained with the row's flags).
+Every finished run is also recorded in benchmarks/results/label_efficiency/<run>.json
+(its command, commit and numbers): a record whose command matches stands in for a run
+directory that is gone (another machine, a cleaned runs/), so the table survives
+without retraining; --recorded_only tabulates what is recorded or on disk and trains
+nothing. Accuracy is the classifier's on the 10,000 test images (FixMatch: its EMA
+model). Writes benchmarks/results/label_efficiency.json and .md.
 
 Two supervised-only rows: the default flip-and-translate augmentation (the reference
 the "vs supervised only" column uses) and the strong view (RandAugment + Cutout), which
