@@ -134,9 +134,10 @@ def result_for(row, split, name, args):
                          f"{sorted(ran_with - set(args))}, lacks {sorted(set(args) - ran_with)}. "
                          "Move it away or pass another --run_root.")
     result = summarize(row, split, args, _read_json(metrics_path), run)
+    from recipes.checkpointing import write_json  # atomic: a half-written record would break the next run
+
     os.makedirs(FLAGS.records, exist_ok=True)
-    with open(record_path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(record_path, result)
     return result
 
 
