@@ -353,7 +353,7 @@ def train(argv=None) -> dict:
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
     from recipes.checkpointing import EpochCheckpoint
-    from recipes.semi.cli import LABEL_RECIPES
+    from recipes.semi.cli import LABEL_RECIPES, check_student_encoder
     from zoo import backbones
 
     hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
@@ -363,8 +363,7 @@ def train(argv=None) -> dict:
         raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. Valid backbones: {', '.join(backbones.BACKBONES)}.")
     if not FLAGS.model_dir:
         raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
-    if FLAGS.student_width is not None and FLAGS.recipe != "noisy_student":  # before loading any data
-        raise ValueError(f"--student_width is for noisy_student's students, not --recipe={FLAGS.recipe}.")
+    check_student_encoder(FLAGS.recipe, FLAGS.student_width is not None)  # before loading any data
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()

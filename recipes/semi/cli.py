@@ -23,6 +23,12 @@ def labelled_split(train_labels, labels_per_class=None, label_fraction=None, see
     return data.split_labelled(train_labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
 
 
+def check_student_encoder(recipe, has_student_encoder):
+    """Only Noisy Student trains separate (e.g. wider) students; refused early, before any data is read."""
+    if has_student_encoder and recipe != "noisy_student":
+        raise ValueError(f"A separate student encoder (--student_width) is for noisy_student, not {recipe!r}.")
+
+
 def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=None, labels_per_class=None,
                       label_fraction=None, epochs=10, steps_per_epoch=None, batch_size=64, strategy=None, seed=0,
                       hparams=None, verbose=0, checkpoint_dir=None):
@@ -39,8 +45,7 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
     from recipes.semi.pseudo_label import run_pseudo_label
 
     hparams = dict(hparams or {})
-    if student_encoder_fn is not None and recipe != "noisy_student":
-        raise ValueError(f"A separate student encoder (--student_width) is for noisy_student, not {recipe!r}.")
+    check_student_encoder(recipe, student_encoder_fn is not None)
     (train_x, train_y), (test_x, test_y) = train, test
     num_classes = int(max(train_y.max(), test_y.max()) + 1)
     labelled_idx, unlabelled_idx = labelled_split(train_y, labels_per_class, label_fraction, seed)
