@@ -1,34 +1,46 @@
 """Checkpoints that make every training run resumable: kill it, rerun it, lose nothing.
 
 Two granularities, one per kind of run:
-  * `EpochCheckpoint`: model + optimizer + epoch counter, saved at every epoch end
-    (pretraining recipes, FixMatch). Restoring puts the optimizer's step counter
+  * `EpochCheckpoint`: model + optimizer + a progress counter, saved at every epoch
+    end (pretraining recipes, FixMatch) or every N steps (`SaveEverySteps`: the
+    models of a self-training round). Restoring puts the optimizer's step counter
     back too, so learning-rate schedules and the stateless augmentation seeds
     (functions of the step) continue where they stopped.
   * `RoundCheckpoint`: the weights and metrics of each finished self-training round
     (Pseudo-Label, Noisy Student): a rerun rebuilds the last finished round's model
-    as the teacher and continues with the next round.
+    as the teacher and continues with the next round; the round in progress resumes
+    from its own `EpochCheckpoint` (`progress_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import keras
 import tensorflow as tf
 
 
 class EpochCheckpoint:
-    """Saves model + optimizer + epoch at every epoch end; restores the latest at start.
+    """Saves model + optimizer + progress (finished epochs, or steps with unit="step");
+    restores the latest at start.
 
     The model's and optimizer's variables must exist before `restore` (build the
     optimizer first), so every value is restored at once rather than deferred.
     """
 
-    def __init__(self, model, directory, max_to_keep=2):
+    def __init__(self, model, directory, max_to_keep=2, unit="epoch", random_state=False):
+        self.unit = unit
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self.epoch)
+        parts = {"model": model, "optimizer": model.optimizer, "epoch": self.epoch}
+        # Keras keeps the state of seeded random layers (dropout, stochastic depth) in
+        # variables the model's checkpoint does not hold; with them, a resumed run draws
+        # the masks an uninterrupted one would. Opt-in: older checkpoints lack them.
+        seed_states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+        if random_state and seed_states:
+            parts["random_state"] = seed_states
+        self.checkpoint = tf.train.Checkpoint(**parts)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:
@@ -36,7 +48,7 @@ class EpochCheckpoint:
         latest = self.manager.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
-            print(f"Resuming from {latest} (epoch {int(self.epoch.numpy())} done).", flush=True)
+            print(f"Resuming from {latest} ({self.unit} {int(self.epoch.numpy())} done).", flush=True)
         return int(self.epoch.numpy())
 
     def save(self, epoch: int):
@@ -53,6 +65,31 @@ class SaveEveryEpoch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.checkpoint.save(epoch + 1)
+
+
+class SaveEverySteps(keras.callbacks.Callback):
+    """Keras callback: `checkpoint.save(steps)` every `every` optimizer steps and at the end
+    of training, for runs too long to lose whole (one epoch of thousands of steps).
+
+    Steps are the model's optimizer's, so the optimizer must be fresh when the run starts.
+    """
+
+    def __init__(self, checkpoint: EpochCheckpoint, every: int):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1 step, got {every!r}.")
+        self.checkpoint, self.every = checkpoint, int(every)
+
+    def _steps(self):
+        return int(self.model.optimizer.iterations)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._steps() % self.every == 0:
+            self.checkpoint.save(self._steps())
+
+    def on_train_end(self, logs=None):
+        if self._steps() % self.every:
+            self.checkpoint.save(self._steps())
 
 
 class RoundCheckpoint:
@@ -73,14 +110,20 @@ class RoundCheckpoint:
     def save(self, model, rows):
         """Writes round `len(rows) - 1`'s weights, then the rows (so rows never name missing weights)."""
         os.makedirs(self.directory, exist_ok=True)
-        tf.train.Checkpoint(weights=list(model.weights)).write(self._weights_path(len(rows) - 1))
+        round_index = len(rows) - 1
+        tf.train.Checkpoint(weights=list(model.weights)).write(self._weights_path(round_index))
         write_json(self.rows_path, rows)
+        shutil.rmtree(self.progress_dir(round_index), ignore_errors=True)  # the round is kept whole now
 
     def restore(self, model, round_index):
         """Loads round `round_index`'s weights into `model` (built like that round's)."""
         path = self._weights_path(round_index)
         tf.train.Checkpoint(weights=list(model.weights)).read(path).assert_consumed()
         print(f"Resuming after self-training round {round_index} ({path}).", flush=True)
+
+    def progress_dir(self, round_index):
+        """Where the model of round `round_index` checkpoints while it trains."""
+        return os.path.join(self.directory, f"round_{round_index}_progress")
 
     def _weights_path(self, round_index):
         return os.path.join(self.directory, f"round_{round_index}")

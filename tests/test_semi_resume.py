@@ -1,4 +1,5 @@
-"""Label recipes survive interruption: FixMatch per epoch, Pseudo-Label / Noisy Student per round.
+"""Label recipes survive interruption: FixMatch per epoch, Pseudo-Label / Noisy Student per round
+and, inside a round, every few hundred steps.
 
 A crash is simulated in-process: the checkpoint is written, then the run raises.
 The rerun with the same arguments must continue, not start over, and end as an
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 
 from recipes import checkpointing
+from recipes.semi import self_training
+from recipes.semi.finetune import FineTune, fit_classifier
 from recipes.semi.fixmatch import run_fixmatch
+from recipes.semi.noisy_student import run_noisy_student
 from recipes.semi.pseudo_label import run_pseudo_label
 from tests.test_semi_self_training import _adam, _shapes, _tiny_encoder
 from zoo import backbones
@@ -86,3 +90,46 @@ def test_self_training_resumes_after_the_last_finished_round(monkeypatch, tmp_pa
     # uninterrupted run.
     for key in ("num_pseudo_labelled", "teacher_unlabelled_accuracy", "pseudo_label_accuracy"):
         assert resumed[2][key] == pytest.approx(reference[2][key])
+
+
+def _noisy_student(checkpoint_dir):
+    keras.utils.set_random_seed(0)
+    labelled = _shapes(12, seed=1, noise=30.0)
+    unlabelled, truth = _shapes(60, seed=2, noise=30.0)
+    def residual_encoder():  # residual blocks, so the students get stochastic depth as well as dropout
+        return backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+
+    return run_noisy_student(residual_encoder, 3, labelled, unlabelled, _shapes(60, seed=3, noise=30.0), steps=20,
+                             batch_size=12, heldout_unlabelled_labels=truth, optimizer_fn=_adam, rounds=2,
+                             threshold=0.5, checkpoint_dir=checkpoint_dir)
+
+
+@pytest.mark.parametrize("run", [_pseudo_label, _noisy_student], ids=["pseudo_label", "noisy_student"])
+def test_self_training_resumes_inside_a_round_and_ends_like_an_uninterrupted_run(run, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(self_training, "SAVE_EVERY_STEPS", 5)
+    reference_model, reference = run(str(tmp_path / "reference"))
+    assert not list(tmp_path.glob("reference/*_progress"))  # finished rounds drop their progress saves
+
+    # Saves while training: the teacher at steps 5, 10, 15, 20; the round-1 student at 5, 10 -> crash.
+    _run_until_crash(monkeypatch, lambda: run(str(tmp_path / "interrupted")), checkpointing.EpochCheckpoint,
+                     calls=6)
+    capsys.readouterr()
+    resumed_model, resumed = run(str(tmp_path / "interrupted"))
+    out = capsys.readouterr().out
+    assert "Resuming after self-training round 0" in out and "(step 10 done)" in out
+    assert int(resumed_model.optimizer.iterations.numpy()) == 20  # round 2 trained whole, once
+    assert [row["test_accuracy"] for row in resumed] == pytest.approx([row["test_accuracy"] for row in reference])
+    for key in ("num_pseudo_labelled", "pseudo_label_accuracy"):
+        assert [row[key] for row in resumed[1:]] == pytest.approx([row[key] for row in reference[1:]])
+    # Same final weights: the resumed student skipped the batches it had seen and drew the
+    # dropout and stochastic-depth masks (Noisy Student's model noise) an uninterrupted run would.
+    for got, expected in zip(resumed_model.get_weights(), reference_model.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_classifier_refuses_checkpointing_with_a_trained_optimizer(tmp_path):
+    model = FineTune(_tiny_encoder(), 3, augment="none")
+    images, labels = _shapes(12, seed=1)
+    fit_classifier(model, images, labels=labels, steps=2, batch_size=4)
+    with pytest.raises(ValueError, match="optimizer has not trained"):
+        fit_classifier(model, images, labels=labels, steps=2, batch_size=4, checkpoint_dir=str(tmp_path))

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from recipes.base import Recipe, register
+from recipes.checkpointing import EpochCheckpoint, SaveEverySteps
 from recipes.semi.losses import soft_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
@@ -176,7 +177,8 @@ def default_optimizer(learning_rate=0.03):
 
 
 def fit_classifier(model, images=None, labels=None, targets=None, weights=None, epochs=10, batch_size=64,
-                   steps=None, optimizer=None, seed=0, verbose=0, dataset=None, num_examples=None):
+                   steps=None, optimizer=None, seed=0, verbose=0, dataset=None, num_examples=None,
+                   checkpoint_dir=None, save_every=500):
     """Compiles (if needed) and trains `model` for `epochs` passes over the data.
 
     The data are arrays (`images` with `labels` or `targets`, optional `weights`),
@@ -184,17 +186,36 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
     `steps`, if given, replaces epochs by a fixed number of steps (logged as one
     epoch): useful when the sets of successive models differ a lot in size, as a
     teacher's few labels and a student's many pseudo-labels do.
-    Returns the Keras history dict.
+
+    With `checkpoint_dir`, model and optimizer are saved there every `save_every`
+    steps and at the end, and a rerun (same model, fresh optimizer, same data)
+    restores the latest save and trains only the steps left, skipping the batches
+    already seen, so it ends as an uninterrupted run does. Training is then logged
+    as one epoch of all its steps.
+    Returns the Keras history dict (empty if a restored run had no steps left).
     """
-    if model.optimizer is None:
+    if getattr(model, "optimizer", None) is None:  # not compiled yet
         model.compile(optimizer=optimizer or default_optimizer())
     if dataset is None:
         dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
         num_examples = len(images)
-    if steps is not None:
-        return model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=verbose).history
-    steps = max(1, int(num_examples) // batch_size)
-    return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
+    if checkpoint_dir is None:
+        if steps is not None:
+            return model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=verbose).history
+        steps = max(1, int(num_examples) // batch_size)
+        return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
+
+    total = int(steps) if steps is not None else epochs * max(1, int(num_examples) // batch_size)
+    if int(model.optimizer.iterations) != 0:
+        raise ValueError("fit_classifier(checkpoint_dir=...) counts steps with the optimizer: give it a "
+                         "model whose optimizer has not trained yet.")
+    model.optimizer.build(model.optimized_variables)
+    checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step", random_state=True)
+    done = checkpoint.restore()
+    if done >= total:
+        return {}
+    return model.fit(dataset.skip(done), epochs=1, steps_per_epoch=total - done, verbose=verbose,
+                     callbacks=[SaveEverySteps(checkpoint, save_every)]).history
 
 
 def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, steps=None, batch_size=64,

@@ -28,6 +28,8 @@ from recipes.checkpointing import RoundCheckpoint
 from recipes.semi.finetune import classifier_dataset, default_optimizer, fit_classifier
 from recipes.semi.losses import select_pseudo_labels
 
+SAVE_EVERY_STEPS = 500  # a checkpointed round saves its model this often while it trains
+
 
 class SelfTrainingMixin:
     """Hyperparameters of a round-based self-training method (mixed into a FineTune).
@@ -134,6 +136,11 @@ def _classifier_dataset(columns, batch_size, seed):
                               weights=columns["weight"], batch_size=batch_size, seed=seed)
 
 
+def _last_loss(history):
+    """The last logged training loss, or None when a resumed model had no steps left to log."""
+    return float(history["loss"][-1]) if history.get("loss") else None
+
+
 def _copy_weights(teacher, student):
     for source, target in ((teacher.encoder, student.encoder), (teacher.classifier, student.classifier)):
         weights = source.get_weights()
@@ -166,8 +173,10 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
       strategy: tf.distribute strategy to build and train under (default: current).
       checkpoint_dir: if given, every finished round's weights and metrics are
         saved there, and a rerun continues after the last finished round (its
-        model becomes the teacher). Models of the remaining rounds draw their
-        initial weights afresh, so they need not equal an uninterrupted run's.
+        model becomes the teacher); the model in training is saved every
+        `SAVE_EVERY_STEPS` steps, and the rerun continues it from there
+        (`fit_classifier`), so an interruption costs at most that many steps. A round not started yet draws its
+        initial weights afresh, so it need not equal an uninterrupted run's.
 
     Returns:
       (final student, list of per-round metric dicts; round 0 is the teacher).
@@ -192,6 +201,10 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         return row
 
     checkpoint = RoundCheckpoint(checkpoint_dir) if checkpoint_dir else None
+
+    def progress_dir(round_index):
+        return checkpoint.progress_dir(round_index) if checkpoint else None
+
     metrics = checkpoint.finished_rows() if checkpoint else []
     if metrics:  # resuming: the last finished round's model is the teacher
         teacher = build(len(metrics) - 1)
@@ -200,8 +213,9 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         if teacher is None:
             teacher = build(0)
             history = fit_classifier(teacher, images_l, labels=labels_l, epochs=epochs, batch_size=batch_size,
-                                     steps=steps, seed=seed, verbose=verbose)
-            metrics.append(evaluate(teacher, 0, train_loss=float(history["loss"][-1])))
+                                     steps=steps, seed=seed, verbose=verbose, checkpoint_dir=progress_dir(0),
+                                     save_every=SAVE_EVERY_STEPS)
+            metrics.append(evaluate(teacher, 0, train_loss=_last_loss(history)))
         else:
             metrics.append(evaluate(teacher, 0))
         if checkpoint:
@@ -227,8 +241,9 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         dataset = student.student_dataset(images_l, labels_l, unlabelled_images[chosen], pseudo_targets,
                                           batch_size, seed=seed + round_index)
         history = fit_classifier(student, dataset=dataset, num_examples=len(labels_l) + len(chosen),
-                                 epochs=student_epochs, batch_size=batch_size, steps=student_steps, verbose=verbose)
-        metrics.append(evaluate(student, round_index, train_loss=float(history["loss"][-1]), **row))
+                                 epochs=student_epochs, batch_size=batch_size, steps=student_steps, verbose=verbose,
+                                 checkpoint_dir=progress_dir(round_index), save_every=SAVE_EVERY_STEPS)
+        metrics.append(evaluate(student, round_index, train_loss=_last_loss(history), **row))
         if checkpoint:
             checkpoint.save(student, metrics)
         teacher = student
