@@ -34,9 +34,8 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
                       hparams=None, verbose=0, checkpoint_dir=None):
     """Runs one label-using recipe; returns (model, exported encoder, metrics).
 
-    `checkpoint_dir` makes the long ones resumable: FixMatch per logged epoch,
-    Pseudo-Label and Noisy Student per finished round (fine-tuning is short and
-    restarts). `student_encoder_fn` builds Noisy Student's students (default
+    `checkpoint_dir` makes every run resumable: FixMatch per logged epoch, the
+    others every 500 steps (Pseudo-Label and Noisy Student keep finished rounds whole). `student_encoder_fn` builds Noisy Student's students (default
     `encoder_fn`), e.g. wider than the teacher.
     """
     from recipes.semi.finetune import run_finetune
@@ -56,7 +55,8 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
     steps = epochs * steps_per_epoch if steps_per_epoch else None
     if recipe == "finetune":
         model, metrics = run_finetune(encoder_fn(), num_classes, *labelled, (test_x, test_y), epochs=epochs,
-                                      steps=steps, batch_size=batch_size, **common, **hparams)
+                                      steps=steps, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                                      **common, **hparams)
     elif recipe == "fixmatch":
         steps = steps or epochs * max(1, len(train_x) // batch_size)
         # As in the paper, the whole training split (labels dropped) is the unlabelled pool.

@@ -218,13 +218,19 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
                      callbacks=[SaveEverySteps(checkpoint, save_every)]).history
 
 
+def last_loss(history):
+    """The last logged training loss, or None when a resumed run had no steps left to log."""
+    return float(history["loss"][-1]) if history.get("loss") else None
+
+
 def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, steps=None, batch_size=64,
-                 optimizer=None, strategy=None, seed=0, verbose=0, **hyperparameters):
+                 optimizer=None, strategy=None, seed=0, verbose=0, checkpoint_dir=None, **hyperparameters):
     """Fine-tunes `encoder` + a linear classifier on the labelled (images, labels).
 
     The labelled subset is the caller's: `recipes.data.split_labelled(labels,
-    per_class=N or fraction=F)` picks it. `steps`, if given, replaces `epochs` (see
-    `fit_classifier`). Returns (model, metrics dict).
+    per_class=N or fraction=F)` picks it. `steps`, if given, replaces `epochs`, and
+    `checkpoint_dir` makes the run resumable (see `fit_classifier`). Returns (model,
+    metrics dict).
     """
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
@@ -232,9 +238,10 @@ def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, 
                          label_count=hyperparameters.pop("label_count", len(labels)), **hyperparameters)
         model.compile(optimizer=optimizer or default_optimizer())
     history = fit_classifier(model, images, labels=labels, epochs=epochs, batch_size=batch_size, steps=steps,
-                             seed=seed, verbose=verbose)
+                             seed=seed, verbose=verbose, checkpoint_dir=checkpoint_dir)
     metrics = {"protocol": {"labelled": int(len(labels)), "epochs": epochs, "steps": steps,
-                            "batch_size": batch_size, "seed": seed}, "train_loss": float(history["loss"][-1])}
+                            "batch_size": batch_size, "seed": seed},
+               "train_loss": last_loss(history)}
     if test is not None:
         metrics["test_accuracy"] = model.accuracy(*test)
     return model, metrics

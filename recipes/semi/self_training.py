@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from recipes.checkpointing import RoundCheckpoint
-from recipes.semi.finetune import classifier_dataset, default_optimizer, fit_classifier
+from recipes.semi.finetune import classifier_dataset, default_optimizer, fit_classifier, last_loss
 from recipes.semi.losses import select_pseudo_labels
 
 SAVE_EVERY_STEPS = 500  # a checkpointed round saves its model this often while it trains
@@ -136,11 +136,6 @@ def _classifier_dataset(columns, batch_size, seed):
                               weights=columns["weight"], batch_size=batch_size, seed=seed)
 
 
-def _last_loss(history):
-    """The last logged training loss, or None when a resumed model had no steps left to log."""
-    return float(history["loss"][-1]) if history.get("loss") else None
-
-
 def _copy_weights(teacher, student):
     for source, target in ((teacher.encoder, student.encoder), (teacher.classifier, student.classifier)):
         weights = source.get_weights()
@@ -215,7 +210,7 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
             history = fit_classifier(teacher, images_l, labels=labels_l, epochs=epochs, batch_size=batch_size,
                                      steps=steps, seed=seed, verbose=verbose, checkpoint_dir=progress_dir(0),
                                      save_every=SAVE_EVERY_STEPS)
-            metrics.append(evaluate(teacher, 0, train_loss=_last_loss(history)))
+            metrics.append(evaluate(teacher, 0, train_loss=last_loss(history)))
         else:
             metrics.append(evaluate(teacher, 0))
         if checkpoint:
@@ -243,7 +238,7 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         history = fit_classifier(student, dataset=dataset, num_examples=len(labels_l) + len(chosen),
                                  epochs=student_epochs, batch_size=batch_size, steps=student_steps, verbose=verbose,
                                  checkpoint_dir=progress_dir(round_index), save_every=SAVE_EVERY_STEPS)
-        metrics.append(evaluate(student, round_index, train_loss=_last_loss(history), **row))
+        metrics.append(evaluate(student, round_index, train_loss=last_loss(history), **row))
         if checkpoint:
             checkpoint.save(student, metrics)
         teacher = student
