@@ -9,6 +9,8 @@
   recipe's `embedding_head()` gives that vector, and runs report kNN on it
   (`knn_embedding`) beside kNN on the encoder's pooled features (`knn`).
 * Linear probe: a softmax classifier trained on frozen, standardized features.
+* For classifiers (the label recipes): accuracy with its confusion matrix and
+  per-class recall, which say *which* classes few labels leave confused.
 
 Every result carries its protocol (dataset/split, k and T or probe settings, seed)
 so a number never travels without the way it was measured.
@@ -51,6 +53,19 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
         votes = tf.one_hot(tf.gather(labels, top_index), num_classes) * weights[..., None]
         predictions.append(tf.argmax(tf.reduce_sum(votes, axis=1), axis=1).numpy())
     return np.concatenate(predictions)
+
+
+def classification_report(labels, predicted, num_classes) -> dict:
+    """Accuracy, confusion matrix (rows: true class, columns: predicted) and per-class recall."""
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if labels.shape != predicted.shape:
+        raise ValueError(f"{len(labels)} labels but {len(predicted)} predictions.")
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    support = confusion.sum(axis=1)
+    recall = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    return {"accuracy": float(np.mean(labels == predicted)), "confusion": confusion.tolist(),
+            "per_class_recall": [None if np.isnan(r) else round(float(r), 4) for r in recall]}
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,

@@ -1,6 +1,7 @@
-"""kNN and linear probe against independent references."""
+"""kNN and linear probe against independent references; the classifier report against hand counts."""
 
 import numpy as np
+import pytest
 
 from recipes import evaluate
 
@@ -85,3 +86,14 @@ def test_evaluate_encoder_reports_knn_on_the_embedding_head():
     assert "projection-head output" in on_class_dims["knn_embedding"]["protocol"]["features"]
     assert "knn_embedding" not in evaluate.evaluate_encoder(encoder, features, labels, features, labels, 2,
                                                             knn_k=20, probe_epochs=0)
+
+
+def test_classification_report_counts_by_hand():
+    labels = [0, 0, 0, 1, 1, 2]
+    predicted = [0, 1, 1, 1, 1, 0]
+    report = evaluate.classification_report(labels, predicted, num_classes=4)
+    assert report["confusion"] == [[1, 2, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert report["per_class_recall"] == [pytest.approx(1 / 3, abs=1e-4), 1.0, 0.0, None]  # class 3: no examples
+    assert report["accuracy"] == pytest.approx(3 / 6)
+    with pytest.raises(ValueError, match="5 labels but 6 predictions"):
+        evaluate.classification_report(labels[:5], predicted, num_classes=4)

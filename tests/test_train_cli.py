@@ -192,6 +192,9 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["classifier"]["protocol"]["labelled"] == 5 * 8  # synthetic_shapes has 8 classes
     assert 0.0 <= metrics["classifier"]["accuracy"] <= 1.0
+    confusion = np.array(metrics["classifier"]["confusion"])  # rows: the 8 classes of the test split
+    assert confusion.shape == (8, 8) and np.trace(confusion) / confusion.sum() == \
+        pytest.approx(metrics["classifier"]["accuracy"])
     assert metrics["classifier"]["protocol"]["steps_per_model"] == 2  # --epochs x --steps_per_epoch
     if recipe in ("pseudo_label", "noisy_student"):
         assert [r["round"] for r in metrics["rounds"]] == [0, 1]

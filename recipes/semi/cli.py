@@ -13,6 +13,7 @@ import functools
 import numpy as np
 
 from recipes import data
+from recipes.evaluate import classification_report
 
 LABEL_RECIPES = ("finetune", "fixmatch", "pseudo_label", "noisy_student")
 
@@ -82,7 +83,9 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
     if recipe in ("pseudo_label", "noisy_student"):
         protocol["steps_per_student"] = model.student_budget(epochs, steps)[1]
         protocol["unlabelled_ratio"] = model.unlabelled_ratio
-    metrics["classifier"] = {"accuracy": float(metrics["test_accuracy"]), "protocol": protocol}
+    report = classification_report(test_y, model.predict_proba(test_x).argmax(axis=1), num_classes)
+    metrics["classifier"] = {"accuracy": float(metrics["test_accuracy"]), "protocol": protocol,
+                             "confusion": report["confusion"], "per_class_recall": report["per_class_recall"]}
     encoder = getattr(model, "exported_encoder", model.encoder)
     return model, encoder, _plain(metrics)
 
