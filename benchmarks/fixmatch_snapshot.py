@@ -1,0 +1,80 @@
+"""Which classes does a FixMatch run confuse, and how often is it confidently wrong? Mid-run.
+
+    python benchmarks/fixmatch_snapshot.py --model_dir=runs/label_efficiency/fixmatch_ssl100_10k \
+        --init_from=simclr_resnet18_fmnist_28ep
+
+FixMatch trains on its own confident predictions, so a class that the early model
+confuses with another can stay confused: the wrong label is confident, hence kept, hence
+learnt. This restores the latest checkpoint of a FixMatch run (training or stopped; it
+only reads a copy) and scores its EMA model on the test split: confusion matrix,
+per-class recall, and, at confidence thresholds, the share of test images above each and
+their accuracy, i.e. what FixMatch's mask would keep and how much of it is right. A
+finished run has the confusion matrix in its metrics.json already. Writes
+benchmarks/results/fixmatch_snapshot_<run>.json.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+from absl import app, flags
+
+flags.DEFINE_string("model_dir", None, "The FixMatch run directory (with checkpoints/).")
+flags.DEFINE_string("init_from", None, "The run's --init_from (zoo name), to rebuild its encoder.")
+flags.DEFINE_string("backbone", "resnet18_small", "The run's --backbone, when it had no --init_from.")
+flags.DEFINE_float("width", 0.25, "The run's --width, when it had no --init_from.")
+flags.DEFINE_string("dataset", "fashion_mnist", "The run's dataset (its test split is scored).")
+flags.DEFINE_list("thresholds", ["0.95", "0.99"], "Confidence thresholds to report.")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
+flags.mark_flag_as_required("model_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    import zoo
+    from recipes import data, evaluate
+    from recipes.checkpointing import EpochCheckpoint
+    from recipes.semi.fixmatch import FixMatch, paper_optimizer
+    from zoo import backbones
+
+    checkpoints = os.path.join(FLAGS.model_dir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise SystemExit(f"No checkpoints/ in {FLAGS.model_dir}: is it a FixMatch run directory?")
+    test_x, test_y = data.load_arrays(FLAGS.dataset, "test")
+    num_classes = int(test_y.max()) + 1
+    encoder = (zoo.load(FLAGS.init_from) if FLAGS.init_from
+               else backbones.build(FLAGS.backbone, test_x.shape[1:], width=FLAGS.width))
+    model = FixMatch(encoder, num_classes)
+    model.compile(optimizer=paper_optimizer(1))  # the schedule is irrelevant: only variables are restored
+    model.optimizer.build(model.optimized_variables)
+    with tempfile.TemporaryDirectory() as copy:  # a running job may rotate its checkpoints meanwhile
+        shutil.copytree(checkpoints, copy, dirs_exist_ok=True)
+        epochs = EpochCheckpoint(model, copy).restore()
+    probabilities = model.predict_proba(test_x)
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    report = evaluate.classification_report(test_y, predicted, num_classes)
+    confident = {}
+    for threshold in map(float, FLAGS.thresholds):
+        kept = confidence >= threshold
+        confident[str(threshold)] = {"share": round(float(kept.mean()), 4),
+                                     "accuracy": round(float(np.mean(predicted[kept] == test_y[kept])), 4)
+                                     if kept.any() else None}
+    result = {"model_dir": FLAGS.model_dir, "epochs_done": epochs,
+              "optimizer_steps": int(model.optimizer.iterations), "model": "EMA", "split": "test",
+              **report, "confident": confident}
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    name = os.path.basename(os.path.normpath(FLAGS.model_dir))
+    path = os.path.join(FLAGS.out_dir, f"fixmatch_snapshot_{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+    print(np.array(report["confusion"]))
+    print(f"Wrote {path}.")
+
+
+if __name__ == "__main__":
+    app.run(main)
