@@ -8,7 +8,8 @@ confuses with another can stay confused: the wrong label is confident, hence kep
 learnt. This restores the latest checkpoint of a FixMatch run (training or stopped; it
 only reads a copy) and scores its EMA model on the test split: confusion matrix,
 per-class recall, and, at confidence thresholds, the share of test images above each and
-their accuracy, i.e. what FixMatch's mask would keep and how much of it is right. A
+their accuracy, i.e. what FixMatch's mask would keep and how much of it is right, and
+the accuracy with BN statistics re-estimated on clean training images. A
 finished run has the confusion matrix in its metrics.json already. Writes
 benchmarks/results/fixmatch_snapshot_<run>.json.
 """
@@ -29,6 +30,26 @@ flags.DEFINE_list("thresholds", ["0.95", "0.99"], "Confidence thresholds to repo
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
+
+
+def accuracy_with_clean_bn_statistics(model, data, dataset, images=4096, seed=0):
+    """Test accuracy after replacing the EMA encoder's BN moving statistics by those of clean
+    training images. The moving statistics are averaged over FixMatch's joint batches, 7/15
+    of them strong views; if they were what hurt the clean test images, this would recover."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    train_x, _ = data.load_arrays(dataset, "train")
+    batch = train_x[np.random.RandomState(seed).choice(len(train_x), images, replace=False)]
+    model.ema_encoder.trainable = True  # frozen BN layers ignore training=True
+    for layer in model.ema_encoder.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0  # the moving statistics become this batch's
+    model.ema_encoder(tf.constant(batch), training=True)
+    model.ema_encoder.trainable = False
+    test_x, test_y = data.load_arrays(dataset, "test")
+    return model.accuracy(test_x, test_y)
 
 
 def main(argv):
@@ -65,7 +86,8 @@ def main(argv):
                                      if kept.any() else None}
     result = {"model_dir": FLAGS.model_dir, "epochs_done": epochs,
               "optimizer_steps": int(model.optimizer.iterations), "model": "EMA", "split": "test",
-              **report, "confident": confident}
+              **report, "confident": confident,
+              "accuracy_bn_from_clean_images": accuracy_with_clean_bn_statistics(model, data, FLAGS.dataset)}
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     name = os.path.basename(os.path.normpath(FLAGS.model_dir))
     path = os.path.join(FLAGS.out_dir, f"fixmatch_snapshot_{name}.json")
