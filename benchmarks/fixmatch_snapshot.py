@@ -85,7 +85,7 @@ def main(argv):
                                      "accuracy": round(float(np.mean(predicted[kept] == test_y[kept])), 4)
                                      if kept.any() else None}
     result = {"model_dir": FLAGS.model_dir, "epochs_done": epochs,
-              "optimizer_steps": int(model.optimizer.iterations), "model": "EMA", "split": "test",
+              "optimizer_steps": int(model.optimizer.iterations.numpy()), "model": "EMA", "split": "test",
               **report, "confident": confident,
               "accuracy_bn_from_clean_images": accuracy_with_clean_bn_statistics(model, data, FLAGS.dataset)}
     os.makedirs(FLAGS.out_dir, exist_ok=True)

@@ -81,7 +81,7 @@ class SaveEverySteps(keras.callbacks.Callback):
         self.checkpoint, self.every = checkpoint, int(every)
 
     def _steps(self):
-        return int(self.model.optimizer.iterations)
+        return int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
         if self._steps() % self.every == 0:

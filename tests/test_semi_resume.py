@@ -16,6 +16,7 @@ from recipes.semi.finetune import FineTune, fit_classifier
 from recipes.semi.fixmatch import run_fixmatch
 from recipes.semi.noisy_student import run_noisy_student
 from recipes.semi.pseudo_label import run_pseudo_label
+from tests.distributed_utils import two_replica_strategy
 from tests.test_semi_self_training import _adam, _shapes, _tiny_encoder
 from zoo import backbones
 
@@ -133,3 +134,25 @@ def test_fit_classifier_refuses_checkpointing_with_a_trained_optimizer(tmp_path)
     fit_classifier(model, images, labels=labels, steps=2, batch_size=4)
     with pytest.raises(ValueError, match="optimizer has not trained"):
         fit_classifier(model, images, labels=labels, steps=2, batch_size=4, checkpoint_dir=str(tmp_path))
+
+
+def test_fit_classifier_on_two_replicas_resumes_like_an_uninterrupted_run(monkeypatch, tmp_path):
+    """Under MirroredStrategy too (its optimizer variables are built up front, mirrored)."""
+    strategy = two_replica_strategy()
+    images, labels = _shapes(24, seed=1)
+
+    def fine_tune(directory):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = FineTune(_tiny_encoder(), 3, dropout=0.3)
+            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+        fit_classifier(model, images, labels=labels, steps=6, batch_size=8, checkpoint_dir=directory, save_every=2)
+        return model
+
+    reference = fine_tune(str(tmp_path / "reference"))
+    _run_until_crash(monkeypatch, lambda: fine_tune(str(tmp_path / "interrupted")), checkpointing.EpochCheckpoint,
+                     calls=2)
+    resumed = fine_tune(str(tmp_path / "interrupted"))
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    for got, expected in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -36,7 +36,8 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
     """Runs one label-using recipe; returns (model, exported encoder, metrics).
 
     `checkpoint_dir` makes every run resumable: FixMatch per logged epoch, the
-    others every 500 steps (Pseudo-Label and Noisy Student keep finished rounds whole). `student_encoder_fn` builds Noisy Student's students (default
+    others every 500 steps (Pseudo-Label and Noisy Student keep finished rounds
+    whole). `student_encoder_fn` builds Noisy Student's students (default
     `encoder_fn`), e.g. wider than the teacher.
     """
     from recipes.semi.finetune import run_finetune

@@ -196,22 +196,26 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
     """
     if getattr(model, "optimizer", None) is None:  # not compiled yet
         model.compile(optimizer=optimizer or default_optimizer())
+    if checkpoint_dir is not None and int(model.optimizer.iterations.numpy()) != 0:
+        raise ValueError("fit_classifier(checkpoint_dir=...) counts steps with the optimizer: give it a "
+                         "model whose optimizer has not trained yet.")
+    # The optimizer's variables are made here, under the model's strategy: built lazily inside
+    # a replicated train step they would not be mirrored like the weights.
+    with model.distribute_strategy.scope():
+        model.optimizer.build(model.optimized_variables)
+        checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step", random_state=True) if checkpoint_dir else None
     if dataset is None:
         dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
         num_examples = len(images)
-    if checkpoint_dir is None:
+    if checkpoint is None:
         if steps is not None:
             return model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=verbose).history
         steps = max(1, int(num_examples) // batch_size)
         return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
 
     total = int(steps) if steps is not None else epochs * max(1, int(num_examples) // batch_size)
-    if int(model.optimizer.iterations) != 0:
-        raise ValueError("fit_classifier(checkpoint_dir=...) counts steps with the optimizer: give it a "
-                         "model whose optimizer has not trained yet.")
-    model.optimizer.build(model.optimized_variables)
-    checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step", random_state=True)
-    done = checkpoint.restore()
+    with model.distribute_strategy.scope():
+        done = checkpoint.restore()
     if done >= total:
         return {}
     return model.fit(dataset.skip(done), epochs=1, steps_per_epoch=total - done, verbose=verbose,

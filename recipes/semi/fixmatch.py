@@ -253,7 +253,7 @@ class LogTestAccuracy(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0 or epoch + 1 == self.params.get("epochs"):
             accuracy = self.model.accuracy(*self.test)
-            self.rows.append((int(self.model.optimizer.iterations), accuracy))
+            self.rows.append((int(self.model.optimizer.iterations.numpy()), accuracy))
             if logs is not None:
                 logs["test_accuracy"] = accuracy
 
