@@ -202,7 +202,8 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
     # The optimizer's variables are made here, under the model's strategy: built lazily inside
     # a replicated train step they would not be mirrored like the weights.
     with model.distribute_strategy.scope():
-        model.optimizer.build(model.optimized_variables)
+        if not model.optimizer.built:  # building again would reset its momentum
+            model.optimizer.build(model.optimized_variables)
         checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step", random_state=True) if checkpoint_dir else None
     if dataset is None:
         dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
