@@ -170,8 +170,9 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         saved there, and a rerun continues after the last finished round (its
         model becomes the teacher); the model in training is saved every
         `SAVE_EVERY_STEPS` steps, and the rerun continues it from there
-        (`fit_classifier`), so an interruption costs at most that many steps. A round not started yet draws its
-        initial weights afresh, so it need not equal an uninterrupted run's.
+        (`fit_classifier`), so an interruption costs at most that many steps. A
+        round not started yet draws its initial weights afresh, so it need not
+        equal an uninterrupted run's.
 
     Returns:
       (final student, list of per-round metric dicts; round 0 is the teacher).
