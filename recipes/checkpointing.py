@@ -23,22 +23,22 @@ import tensorflow as tf
 
 
 class EpochCheckpoint:
-    """Saves model + optimizer + progress (finished epochs, or steps with unit="step");
-    restores the latest at start.
+    """Saves model + optimizer + random-layer state + progress (finished epochs, or steps
+    with unit="step"); restores the latest at start.
 
     The model's and optimizer's variables must exist before `restore` (build the
     optimizer first), so every value is restored at once rather than deferred.
     """
 
-    def __init__(self, model, directory, max_to_keep=2, unit="epoch", random_state=False):
+    def __init__(self, model, directory, max_to_keep=2, unit="epoch"):
         self.unit = unit
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         parts = {"model": model, "optimizer": model.optimizer, "epoch": self.epoch}
         # Keras keeps the state of seeded random layers (dropout, stochastic depth) in
         # variables the model's checkpoint does not hold; with them, a resumed run draws
-        # the masks an uninterrupted one would. Opt-in: older checkpoints lack them.
+        # the masks an uninterrupted one would. (Models without such layers save as before.)
         seed_states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
-        if random_state and seed_states:
+        if seed_states:
             parts["random_state"] = seed_states
         self.checkpoint = tf.train.Checkpoint(**parts)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)

@@ -204,7 +204,7 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
     with model.distribute_strategy.scope():
         if not model.optimizer.built:  # building again would reset its momentum
             model.optimizer.build(model.optimized_variables)
-        checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step", random_state=True) if checkpoint_dir else None
+        checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step") if checkpoint_dir else None
     if dataset is None:
         dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
         num_examples = len(images)
