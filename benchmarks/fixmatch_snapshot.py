@@ -32,7 +32,7 @@ flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
 
-def accuracy_with_clean_bn_statistics(model, data, dataset, images=4096, seed=0):
+def accuracy_with_clean_bn_statistics(model, data, dataset, test, images=4096, seed=0):
     """Test accuracy after replacing the EMA encoder's BN moving statistics by those of clean
     training images. The moving statistics are averaged over FixMatch's joint batches, 7/15
     of them strong views; if they were what hurt the clean test images, this would recover."""
@@ -48,8 +48,7 @@ def accuracy_with_clean_bn_statistics(model, data, dataset, images=4096, seed=0)
             layer.momentum = 0.0  # the moving statistics become this batch's
     model.ema_encoder(tf.constant(batch), training=True)
     model.ema_encoder.trainable = False
-    test_x, test_y = data.load_arrays(dataset, "test")
-    return model.accuracy(test_x, test_y)
+    return model.accuracy(*test)
 
 
 def main(argv):
@@ -87,7 +86,8 @@ def main(argv):
     result = {"model_dir": FLAGS.model_dir, "epochs_done": epochs,
               "optimizer_steps": int(model.optimizer.iterations.numpy()), "model": "EMA", "split": "test",
               **report, "confident": confident,
-              "accuracy_bn_from_clean_images": accuracy_with_clean_bn_statistics(model, data, FLAGS.dataset)}
+              "accuracy_bn_from_clean_images": accuracy_with_clean_bn_statistics(model, data, FLAGS.dataset,
+                                                                                  (test_x, test_y))}
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     name = os.path.basename(os.path.normpath(FLAGS.model_dir))
     path = os.path.join(FLAGS.out_dir, f"fixmatch_snapshot_{name}.json")

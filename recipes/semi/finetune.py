@@ -205,18 +205,19 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
         if not model.optimizer.built:  # building again would reset its momentum
             model.optimizer.build(model.optimized_variables)
         checkpoint = EpochCheckpoint(model, checkpoint_dir, unit="step") if checkpoint_dir else None
+        done = checkpoint.restore() if checkpoint else 0
     if dataset is None:
         dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
         num_examples = len(images)
+    # A fixed number of steps is one epoch; otherwise an epoch is one pass over the examples.
+    if steps is not None:
+        epochs, steps_per_epoch = 1, int(steps)
+    else:
+        steps_per_epoch = max(1, int(num_examples) // batch_size)
     if checkpoint is None:
-        if steps is not None:
-            return model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=verbose).history
-        steps = max(1, int(num_examples) // batch_size)
-        return model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=verbose).history
+        return model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose).history
 
-    total = int(steps) if steps is not None else epochs * max(1, int(num_examples) // batch_size)
-    with model.distribute_strategy.scope():
-        done = checkpoint.restore()
+    total = epochs * steps_per_epoch
     if done >= total:
         return {}
     return model.fit(dataset.skip(done), epochs=1, steps_per_epoch=total - done, verbose=verbose,
