@@ -1,4 +1,4 @@
-"""SGD with the papers' weight decay: an L2 term in the gradient, accumulated by momentum.
+"""Optimizers the papers use and Keras lacks: SGD with coupled weight decay, and LARS.
 
 Keras's `weight_decay` is decoupled (Loshchilov & Hutter 2019, "Decoupled Weight Decay
 Regularization"): every step multiplies each weight by (1 - lr * wd), outside the momentum
@@ -60,3 +60,67 @@ class SGDL2(keras.optimizers.SGD):
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "l2_kernels_only": self.l2_kernels_only}
+
+
+@keras.saving.register_keras_serializable(package="ssl_recipes")
+class LARS(keras.optimizers.Optimizer):
+    """Layer-wise Adaptive Rate Scaling: SGD whose step for each weight matrix is scaled to its norm.
+
+    You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks"; the optimizer of
+    SimCLR, BYOL and Barlow Twins. Per weight w with gradient g (the Barlow Twins code's form):
+        g <- g + l2 * w;   g <- g * eta * |w| / |g|   (1 where either norm is 0)
+        buf <- momentum * buf + g;   w <- w - lr * buf
+    so a step moves each layer by about lr * eta of its own norm, whatever the scale of the loss.
+    That matters for losses that are sums over thousands of terms (Barlow Twins' D x D
+    correlation): plain SGD's step grows with the loss's scale, LARS's does not.
+
+    Vectors (biases, BatchNorm scales and offsets) get neither the L2 term nor the scaling, as in
+    all three papers; Barlow Twins also gives them a smaller rate (0.0048 against 0.2 for the
+    weights): `vector_lr_scale`.
+
+    Args:
+      learning_rate: rate or schedule (the papers: 0.2-0.3 x batch / 256).
+      momentum: 0.9.
+      l2: coupled weight decay (added to the gradient before the scaling), as in the papers.
+      eta: trust coefficient (1e-3 in the papers' ImageNet runs).
+      vector_lr_scale: multiplies the rate of vectors (1.0; Barlow Twins: 0.0048 / 0.2 = 0.024).
+    """
+
+    def __init__(self, learning_rate=0.2, momentum=0.9, l2=0.0, eta=1e-3, vector_lr_scale=1.0, name="lars",
+                 **kwargs):
+        if kwargs.get("weight_decay") is not None:
+            raise ValueError("LARS takes its weight decay as `l2` (added to the gradient before the trust ratio).")
+        kwargs.pop("weight_decay", None)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        for field, value in (("momentum", momentum), ("l2", l2), ("eta", eta), ("vector_lr_scale", vector_lr_scale)):
+            if value < 0:
+                raise ValueError(f"LARS {field} must be >= 0, got {value}.")
+        self.momentum, self.l2, self.eta = float(momentum), float(l2), float(eta)
+        self.vector_lr_scale = float(vector_lr_scale)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        gradient = ops.cast(gradient, dtype)
+        learning_rate = ops.cast(learning_rate, dtype)
+        if len(variable.shape) > 1:  # a weight matrix or kernel; decided by shape, so replica copies agree
+            gradient = ops.add(gradient, ops.multiply(ops.cast(self.l2, dtype), variable))
+            weight_norm, gradient_norm = ops.norm(ops.reshape(variable, [-1])), ops.norm(ops.reshape(gradient, [-1]))
+            usable = ops.logical_and(ops.greater(weight_norm, 0.0), ops.greater(gradient_norm, 0.0))
+            trust = ops.where(usable, ops.cast(self.eta, dtype) * weight_norm / ops.maximum(gradient_norm, 1e-30),
+                              ops.ones_like(weight_norm))
+            gradient = ops.multiply(gradient, trust)
+        else:
+            learning_rate = ops.multiply(learning_rate, ops.cast(self.vector_lr_scale, dtype))
+        buffer = self.momentums[self._get_variable_index(variable)]
+        self.assign(buffer, ops.add(ops.multiply(buffer, ops.cast(self.momentum, dtype)), gradient))
+        self.assign_sub(variable, ops.multiply(buffer, learning_rate))
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "l2": self.l2, "eta": self.eta,
+                "vector_lr_scale": self.vector_lr_scale}

@@ -42,10 +42,13 @@ flags.DEFINE_integer("batch_size", 256, "Global batch size (split across replica
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute strategy.")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, the encoder and metrics go.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentations.")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "sgd_l2", "adamw"],
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "sgd_l2", "lars", "adamw"],
                   "SGD momentum 0.9 with Keras's decoupled weight decay; sgd_l2: SGD momentum 0.9 with "
                   "the papers' weight decay (an L2 term in the gradient, ~10x stronger at the same value; "
-                  "see recipes/optimizers.py); or AdamW.")
+                  "see recipes/optimizers.py); lars: LARS momentum 0.9 (SimCLR, BYOL, Barlow Twins), "
+                  "--weight_decay as its coupled L2; or AdamW.")
+flags.DEFINE_string("optimizer_args", "", "More optimizer arguments as key=value,... (JSON values), e.g. "
+                    "eta=0.02,vector_lr_scale=0.024 for lars, nesterov=true for sgd.")
 flags.DEFINE_float("lr", 0.06, "Peak learning rate (cosine decay to 0).")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
 flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up epochs.")
@@ -75,7 +78,8 @@ _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_s
                "width": "backbone_width", "backbone_norm": "backbone_norm", "epochs": "epochs",
                "steps_per_epoch": "steps_per_epoch",
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
-               "warmup_epochs": "warmup_epochs", "seed": "seed", "student_width": "student_width"}
+               "optimizer_args": "optimizer_args", "warmup_epochs": "warmup_epochs", "seed": "seed",
+               "student_width": "student_width"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -174,19 +178,28 @@ def worker_batches(global_batches, context, global_batch_size):
     return mine.unbatch().batch(per_replica, drop_remainder=True).with_options(options)
 
 
-def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps):
+def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps, extra_args=None):
+    """The --optimizer with a cosine schedule (after an optional linear warm-up).
+
+    `extra_args`: further constructor arguments (--optimizer_args), e.g. LARS's eta.
+    """
     import keras
+
+    from recipes.optimizers import LARS, SGDL2
 
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0 if warmup_steps else lr, max(1, total_steps - warmup_steps),
         warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
-    if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
-    if name == "sgd_l2":
-        from recipes.optimizers import SGDL2
-
-        return SGDL2(schedule, momentum=0.9, l2=weight_decay)
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    build = {"sgd": lambda **kw: keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay, **kw),
+             "sgd_l2": lambda **kw: SGDL2(schedule, momentum=0.9, l2=weight_decay, **kw),
+             "lars": lambda **kw: LARS(schedule, momentum=0.9, l2=weight_decay, **kw),
+             "adamw": lambda **kw: keras.optimizers.AdamW(schedule, weight_decay=weight_decay, **kw)}
+    if name not in build:
+        raise ValueError(f"Unknown optimizer {name!r}. Known: {', '.join(build)}.")
+    try:
+        return build[name](**(extra_args or {}))
+    except TypeError as error:  # an argument this optimizer does not take
+        raise ValueError(f"--optimizer_args {sorted(extra_args)} do not fit {name}: {error}") from None
 
 
 def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
@@ -281,8 +294,8 @@ def run_facts(strategy, train_images) -> dict:
         "backbone_norm": backbone_norm(),
         "init_from": FLAGS.init_from, "input_shape": list(train_images.shape[1:]), "dataset": FLAGS.dataset,
         "train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "epochs": FLAGS.epochs,
-        "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer, "lr": FLAGS.lr,
-        "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "seed": FLAGS.seed,
+        "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer, "optimizer_args": FLAGS.optimizer_args,
+        "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "seed": FLAGS.seed,
         "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
         "labels_per_class": FLAGS.labels_per_class, "label_fraction": FLAGS.label_fraction,
         "student_width": FLAGS.student_width, "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(),
@@ -403,7 +416,7 @@ def train(argv=None) -> dict:
         encoder = new_encoder()
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
         recipe.compile(optimizer=make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
-                                                FLAGS.warmup_epochs * steps),
+                                                FLAGS.warmup_epochs * steps, parse_hparams(FLAGS.optimizer_args)),
                        jit_compile=FLAGS.jit_compile)
         recipe.optimizer.build(recipe.optimized_variables)
         checkpoint = EpochCheckpoint(recipe, os.path.join(model_dir, "checkpoints"))

@@ -1,9 +1,9 @@
-"""SGDL2: SGD whose weight decay is an L2 term in the gradient (the papers' SGD)."""
+"""SGDL2 (SGD whose weight decay is an L2 term in the gradient, the papers' SGD) and LARS."""
 import keras
 import numpy as np
 import pytest
 
-from recipes.optimizers import SGDL2
+from recipes.optimizers import LARS, SGDL2
 from tests.distributed_utils import two_replica_strategy
 
 
@@ -122,3 +122,106 @@ def test_kernels_only_decay_is_the_same_on_one_device_and_on_two_replicas():
     for copy in two:  # every replica's copy decayed like the single device's
         np.testing.assert_allclose(copy, one[0], rtol=1e-6)
     np.testing.assert_allclose(bias_two, bias_one)
+
+
+def numpy_lars(weights, targets, lr, momentum, l2, eta, vector_lr_scale, steps, loss_scale=1.0):
+    """Reference in the Barlow Twins code's form, on the loss loss_scale * 0.5 * |w - t|^2."""
+    weights = [w.astype(np.float64).copy() for w in weights]
+    buffers = [np.zeros_like(w) for w in weights]
+    for _ in range(steps):
+        for i, (w, t) in enumerate(zip(weights, targets)):
+            g, rate = loss_scale * (w - t), lr
+            if w.ndim > 1:
+                g = g + l2 * w
+                w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+                g = g * (eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0)
+            else:
+                rate = lr * vector_lr_scale
+            buffers[i] = momentum * buffers[i] + g
+            weights[i] = w - rate * buffers[i]
+    return weights
+
+
+def lars_problem():
+    rng = np.random.default_rng(1)
+    weights = [rng.normal(size=s).astype(np.float32) for s in ((3, 3, 2, 4), (4,), (5, 4))]
+    weights.append(np.zeros((2, 3), np.float32))  # a zero matrix: trust ratio 1, not 0/0
+    targets = [rng.normal(size=w.shape).astype(np.float32) for w in weights]
+    return weights, targets, ["kernel", "bias", "kernel_2", "kernel_3"]
+
+
+def test_lars_matches_the_numpy_reference():
+    weights, targets, names = lars_problem()
+    optimizer = LARS(0.5, momentum=0.9, l2=0.01, eta=0.02, vector_lr_scale=0.1)
+    got = run_keras(optimizer, weights, targets, names, steps=10)
+    want = numpy_lars(weights, targets, 0.5, 0.9, 0.01, 0.02, 0.1, steps=10)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert np.abs(got[3]).max() > 1e-3  # the zero matrix moved (plain SGD step)
+
+
+def test_lars_steps_on_weight_matrices_do_not_depend_on_the_loss_scale():
+    """What LARS is for: a loss 1000x larger moves matrices the same, vectors 1000x more."""
+    weights, targets, names = lars_problem()
+
+    def steps(scale):
+        variables = [keras.Variable(w, name=n) for w, n in zip(weights, names)]
+        optimizer = LARS(0.5, momentum=0.9, eta=0.02)
+        for _ in range(3):
+            optimizer.apply_gradients([(scale * (v.value - t), v) for v, t in zip(variables, targets)])
+        return [v.numpy() - w for v, w in zip(variables, weights)]
+
+    small, large = steps(1.0), steps(1000.0)
+    np.testing.assert_allclose(large[0], small[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(large[2], small[2], rtol=1e-4, atol=1e-7)
+    assert np.abs(large[1]).sum() > 100 * np.abs(small[1]).sum()
+    # Each step moves a matrix by lr * eta of its norm (the first step has no momentum yet).
+    one = LARS(0.5, momentum=0.9, eta=0.02)
+    variable = keras.Variable(weights[0], name="kernel")
+    one.apply_gradients([(1000.0 * (variable.value - targets[0]), variable)])
+    np.testing.assert_allclose(np.linalg.norm(variable.numpy() - weights[0]), 0.5 * 0.02 * np.linalg.norm(weights[0]),
+                               rtol=1e-5)
+
+
+def test_lars_config_round_trip_and_clear_errors():
+    optimizer = LARS(0.3, momentum=0.8, l2=1e-4, eta=0.02, vector_lr_scale=0.024)
+    clone = LARS.from_config(optimizer.get_config())
+    assert (clone.momentum, clone.l2, clone.eta, clone.vector_lr_scale) == (0.8, 1e-4, 0.02, 0.024)
+    with pytest.raises(ValueError, match="l2"):
+        LARS(0.3, weight_decay=1e-4)
+    with pytest.raises(ValueError, match="eta must be"):
+        LARS(0.3, eta=-1.0)
+
+
+def test_training_cli_builds_lars_with_extra_arguments_and_names_the_ones_that_do_not_fit():
+    from recipes.train import make_optimizer, parse_hparams
+
+    lars = make_optimizer("lars", 0.3, 1e-4, total_steps=100, warmup_steps=10,
+                          extra_args=parse_hparams("eta=0.02,vector_lr_scale=0.024"))
+    assert isinstance(lars, LARS) and (lars.l2, lars.eta, lars.vector_lr_scale) == (1e-4, 0.02, 0.024)
+    with pytest.raises(ValueError, match="eta"):
+        make_optimizer("sgd", 0.3, 1e-4, total_steps=100, warmup_steps=0, extra_args={"eta": 0.02})
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        make_optimizer("lamb", 0.3, 1e-4, total_steps=100, warmup_steps=0)
+
+
+def test_lars_is_the_same_on_one_device_and_on_two_replicas():
+    """The trust ratio is computed on each replica's copy of the weights and the summed gradient."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+
+    def fitted(strategy):
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense",
+                                                                             kernel_initializer="ones")])
+            model.compile(optimizer=LARS(0.5, momentum=0.9, l2=0.01, eta=0.05), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        return model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()
+
+    kernel_one, bias_one = fitted(tf.distribute.get_strategy())
+    kernel_two, bias_two = fitted(two_replica_strategy())
+    assert np.abs(kernel_one - 1.0).max() > 1e-3
+    np.testing.assert_allclose(kernel_two, kernel_one, rtol=1e-5)
+    np.testing.assert_allclose(bias_two, bias_one, rtol=1e-5, atol=1e-7)
