@@ -24,15 +24,13 @@ import time
 from absl import app, flags
 
 import fmnist_settings
-from recipes import train as _train_cli  # noqa: F401  (defines --width and --seed, reused here)
+from recipes import train as _train_cli  # noqa: F401  (defines --width, --seed and --backbone_norm, reused here)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("recipes", ["moco"], "Recipes to time ('all' for every registered one).")
 flags.DEFINE_list("backbones", ["resnet18_small"], "Backbones.")
 flags.DEFINE_list("batch_sizes", ["256"], "Global batch sizes.")
 flags.DEFINE_list("strategies", ["default"], "default, or mirrored2 (2 logical CPU replicas).")
-flags.DEFINE_enum("backbone_norm", None, ["batch", "layer"], "Backbone normalization (default: each recipe's own, "
-                  "as recipes.train builds it).")
 flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing).")
 flags.DEFINE_integer("steps", 6, "Timed steps per repeat.")

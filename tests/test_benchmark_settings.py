@@ -53,3 +53,19 @@ def test_optimizer_flags_are_train_flags_given_once_with_overrides_applied():
     assert (cpc["optimizer"], cpc["lr"], cpc["weight_decay"]) == ("adamw", "4e-4", "5e-4")
     assert fmnist_settings.optimizer_flags("moco") == ["--optimizer=sgd", "--lr=0.06", "--weight_decay=5e-4",
                                                        "--batch_size=256"]
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+SCRIPTS = sorted(name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_script_imports_with_its_flags(script):
+    """Each script defines its flags beside the ones of the modules it imports (recipes.train's,
+    say): a flag defined twice stops it at import (throughput.py's --backbone_norm, session 17)."""
+    import subprocess
+
+    code = f"import sys; sys.path[:0] = [{BENCHMARKS!r}, {os.path.dirname(BENCHMARKS)!r}]; import {script}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
