@@ -2,6 +2,7 @@
 build (no misspelled hyperparameter), and the time budget scales with throughput."""
 
 import os
+import subprocess
 import sys
 
 import keras
@@ -14,7 +15,8 @@ from recipes.semi.cli import LABEL_RECIPES
 from recipes.train import build_recipe
 from zoo import backbones
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
 import fmnist_settings  # noqa: E402
 
 
@@ -55,7 +57,6 @@ def test_optimizer_flags_are_train_flags_given_once_with_overrides_applied():
                                                        "--batch_size=256"]
 
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 SCRIPTS = sorted(name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py"))
 
 
@@ -63,8 +64,6 @@ SCRIPTS = sorted(name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith("
 def test_benchmark_script_imports_with_its_flags(script):
     """Each script defines its flags beside the ones of the modules it imports (recipes.train's,
     say): a flag defined twice stops it at import (throughput.py's --backbone_norm, session 17)."""
-    import subprocess
-
     code = f"import sys; sys.path[:0] = [{BENCHMARKS!r}, {os.path.dirname(BENCHMARKS)!r}]; import {script}"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
