@@ -57,7 +57,7 @@ def main(argv):
 
     import zoo
     from recipes import data, evaluate
-    from recipes.checkpointing import EpochCheckpoint
+    from recipes.checkpointing import resume
     from recipes.semi.fixmatch import FixMatch, paper_optimizer
     from zoo import backbones
 
@@ -70,10 +70,9 @@ def main(argv):
                else backbones.build(FLAGS.backbone, test_x.shape[1:], width=FLAGS.width))
     model = FixMatch(encoder, num_classes)
     model.compile(optimizer=paper_optimizer(1))  # the schedule is irrelevant: only variables are restored
-    model.optimizer.build(model.optimized_variables)
     with tempfile.TemporaryDirectory() as copy:  # a running job may rotate its checkpoints meanwhile
         shutil.copytree(checkpoints, copy, dirs_exist_ok=True)
-        epochs = EpochCheckpoint(model, copy).restore()
+        _, epochs = resume(model, copy)
     probabilities = model.predict_proba(test_x)
     predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     report = evaluate.classification_report(test_y, predicted, num_classes)

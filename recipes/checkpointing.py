@@ -56,6 +56,21 @@ class EpochCheckpoint:
         self.manager.save(checkpoint_number=epoch)
 
 
+def resume(model, directory, unit="epoch") -> tuple[EpochCheckpoint, int]:
+    """Builds the compiled model's optimizer, then restores the latest checkpoint in `directory`.
+
+    Returns the checkpoint and the epochs (or steps) it had finished. The optimizer's
+    variables are made here, under the model's strategy: built lazily inside a replicated
+    train step they would not be mirrored like the weights, and the checkpoint could not
+    restore them at once.
+    """
+    with model.distribute_strategy.scope():
+        if not model.optimizer.built:  # building again would reset its momentum
+            model.optimizer.build(model.optimized_variables)
+        checkpoint = EpochCheckpoint(model, directory, unit=unit)
+        return checkpoint, checkpoint.restore()
+
+
 class SaveEveryEpoch(keras.callbacks.Callback):
     """Keras callback: `checkpoint.save(epoch)` after every finished epoch."""
 

@@ -365,7 +365,7 @@ def train(argv=None) -> dict:
     import recipes
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
-    from recipes.checkpointing import EpochCheckpoint
+    from recipes.checkpointing import resume
     from recipes.semi.cli import LABEL_RECIPES, check_student_encoder
     from zoo import backbones
 
@@ -418,9 +418,7 @@ def train(argv=None) -> dict:
         recipe.compile(optimizer=make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
                                                 FLAGS.warmup_epochs * steps, parse_hparams(FLAGS.optimizer_args)),
                        jit_compile=FLAGS.jit_compile)
-        recipe.optimizer.build(recipe.optimized_variables)
-        checkpoint = EpochCheckpoint(recipe, os.path.join(model_dir, "checkpoints"))
-        initial_epoch = checkpoint.restore()
+        checkpoint, initial_epoch = resume(recipe, os.path.join(model_dir, "checkpoints"))
 
     run_info = {**run_facts(strategy, train_images), "recipe_config": recipe.get_config(),
                 "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps}

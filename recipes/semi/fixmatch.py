@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from recipes import distribute
 from recipes.base import Recipe, register
-from recipes.checkpointing import EpochCheckpoint, SaveEveryEpoch
+from recipes.checkpointing import SaveEveryEpoch, resume
 from recipes.optimizers import SGDL2
 from recipes.semi.losses import fixmatch_unlabelled_loss, sparse_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
@@ -278,11 +278,7 @@ def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *
         model = FixMatch(encoder, num_classes, seed=seed,
                          label_count=hyperparameters.pop("label_count", int(len(labelled[1]))), **hyperparameters)
         model.compile(optimizer=optimizer or paper_optimizer(steps))
-        checkpoint, done_epochs = None, 0
-        if checkpoint_dir:
-            model.optimizer.build(model.optimized_variables)
-            checkpoint = EpochCheckpoint(model, checkpoint_dir)
-            done_epochs = checkpoint.restore()
+        checkpoint, done_epochs = resume(model, checkpoint_dir) if checkpoint_dir else (None, 0)
     ds = fixmatch_dataset(labelled[0], labelled[1], unlabelled_images, batch_size, model.mu, seed,
                           unlabelled_labels=heldout_unlabelled_labels)
     test_log = LogTestAccuracy(test, test_every) if test is not None else None
