@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from recipes.contrastive.moco import MoCo
 from tests.distributed_utils import build_recipe, compare_one_vs_two_replicas, train_step
-from zoo import backbones
+from tests.encoders import small_encoder
 
 
 def _images(n=16, seed=0):
@@ -15,7 +15,7 @@ def _images(n=16, seed=0):
 
 def _make_moco(**overrides):
     def make():
-        encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+        encoder = small_encoder()
         config = dict(queue_size=64, hidden_dim=32, projection_dim=16, momentum=0.9, bn_splits=2)
         config.update(overrides)
         return MoCo(encoder, **config)

@@ -18,6 +18,7 @@ from recipes.distillation.byol import cosine_momentum
 from recipes.distillation.dino import teacher_temperature
 from recipes.heads import WeightNormDense
 from tests.distributed_utils import compare_one_vs_two_replicas, float64
+from tests.encoders import small_encoder
 
 SHAPE = (16, 16, 1)
 
@@ -27,16 +28,7 @@ def _images(n=16, seed=0):
 
 
 def _encoder(norm="batch"):
-    """Two conv-norm-ReLU layers: what the recipes need of an encoder (normalization layers,
-    any input size) at a third of ResNet-18's tracing time (77 s -> 23 s for SimCLR's test
-    here). The backbones themselves are tested in test_zoo_backbones and through the CLI."""
-    images = x = keras.Input(SHAPE)
-    for filters, strides in ((8, 1), (16, 2)):
-        x = keras.layers.Conv2D(filters, 3, strides, padding="same", use_bias=False)(x)
-        x = (keras.layers.GroupNormalization(groups=1) if norm == "layer"  # as zoo.backbones does
-             else keras.layers.BatchNormalization())(x)
-        x = keras.layers.ReLU()(x)
-    return keras.Model(images, keras.layers.GlobalAveragePooling2D()(x))
+    return small_encoder(SHAPE, norm)
 
 
 def _maker(name, norm="batch", **config):

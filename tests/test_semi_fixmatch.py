@@ -9,7 +9,7 @@ from recipes.semi.fixmatch import FixMatch, fixmatch_dataset, run_fixmatch
 from tests import distributed_utils
 from tests.distributed_utils import build_recipe, compare_one_vs_two_replicas, train_step
 from tests.test_semi_self_training import _shapes
-from zoo import backbones
+from tests.encoders import small_encoder
 
 NUM_CLASSES = 3
 
@@ -23,7 +23,7 @@ def _batch(batch=4, mu=2, seed=0):
 
 def _make_fixmatch(**overrides):
     def make():
-        encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+        encoder = small_encoder()
         # threshold 0.3 with 3 classes: some, not all, pseudo-labels pass at initialization.
         config = dict(mu=2, threshold=0.3, ema_decay=0.9, bn_splits=2)
         config.update(overrides)
@@ -128,7 +128,7 @@ def test_fit_runs_and_reports_fixmatch_metrics():
 def test_run_fixmatch_logs_test_accuracy_every_few_epochs_and_at_the_end():
     keras.utils.set_random_seed(0)
     labelled, (unlabelled, _), test = _shapes(12, seed=1), _shapes(24, seed=2), _shapes(30, seed=3)
-    encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+    encoder = small_encoder()
     model, metrics = run_fixmatch(encoder, 3, labelled, unlabelled, test, steps=10, log_every=2, test_every=2,
                                   batch_size=4, mu=2, threshold=0.3)
     steps = [step for step, _ in metrics["test_accuracy_by_step"]]

@@ -17,8 +17,8 @@ from recipes.semi.fixmatch import run_fixmatch
 from recipes.semi.noisy_student import run_noisy_student
 from recipes.semi.pseudo_label import run_pseudo_label
 from tests.distributed_utils import two_replica_strategy
+from tests.encoders import small_encoder
 from tests.test_semi_self_training import _adam, _shapes, _tiny_encoder
-from zoo import backbones
 
 
 class Crash(Exception):
@@ -45,7 +45,7 @@ def _fixmatch(checkpoint_dir):
     keras.utils.set_random_seed(0)  # the same initial weights for every run
     labelled = _shapes(12, seed=1)
     unlabelled, truth = _shapes(24, seed=2)
-    encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+    encoder = small_encoder()
     return run_fixmatch(encoder, 3, labelled, unlabelled, steps=6, log_every=2, batch_size=4, mu=2,
                         threshold=0.3, heldout_unlabelled_labels=truth, checkpoint_dir=checkpoint_dir)
 
@@ -98,7 +98,7 @@ def _noisy_student(checkpoint_dir):
     labelled = _shapes(12, seed=1, noise=30.0)
     unlabelled, truth = _shapes(60, seed=2, noise=30.0)
     def residual_encoder():  # residual blocks, so the students get stochastic depth as well as dropout
-        return backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+        return small_encoder()
 
     return run_noisy_student(residual_encoder, 3, labelled, unlabelled, _shapes(60, seed=3, noise=30.0), steps=20,
                              batch_size=12, heldout_unlabelled_labels=truth, optimizer_fn=_adam, rounds=2,
