@@ -41,7 +41,8 @@ def accuracy_with_clean_bn_statistics(model, data, dataset, test, images=4096, s
     import tensorflow as tf
 
     train_x, _ = data.load_arrays(dataset, "train")
-    batch = train_x[np.random.RandomState(seed).choice(len(train_x), images, replace=False)]
+    # All of a training split smaller than `images` (synthetic_shapes has 2,000).
+    batch = train_x[np.random.RandomState(seed).choice(len(train_x), min(images, len(train_x)), replace=False)]
     model.ema_encoder.trainable = True  # frozen BN layers ignore training=True
     for layer in model.ema_encoder.layers:
         if isinstance(layer, keras.layers.BatchNormalization):

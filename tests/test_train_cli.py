@@ -203,6 +203,14 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
         assert protocol["unlabelled_ratio"] == (3.0 if recipe == "noisy_student" else None)
     assert (tmp_path / "encoder.keras").exists()
     assert any((tmp_path / "checkpoints").iterdir())  # what was trained is kept (resume: test_semi_resume.py)
+    if recipe == "fixmatch":  # the snapshot benchmark restores the run's EMA model from its checkpoint
+        snapshot = subprocess.run([sys.executable, "benchmarks/fixmatch_snapshot.py", f"--model_dir={tmp_path}",
+                                   "--dataset=synthetic_shapes", "--width=0.125", f"--out_dir={tmp_path / 'out'}"],
+                                  cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=300)
+        assert snapshot.returncode == 0, snapshot.stderr[-2000:]
+        result = json.loads((tmp_path / "out" / f"fixmatch_snapshot_{tmp_path.name}.json").read_text())
+        assert (result["epochs_done"], result["optimizer_steps"]) == (1, 2)
+        assert result["accuracy"] == pytest.approx(metrics["classifier"]["accuracy"])
 
 
 def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_path):
