@@ -8,8 +8,8 @@ import tensorflow as tf
 from recipes.semi.fixmatch import FixMatch, fixmatch_dataset, run_fixmatch
 from tests import distributed_utils
 from tests.distributed_utils import build_recipe, compare_one_vs_two_replicas, train_step
-from tests.test_semi_self_training import _shapes
 from tests.encoders import small_encoder
+from tests.test_semi_self_training import _shapes
 
 NUM_CLASSES = 3
 

@@ -97,7 +97,7 @@ def _noisy_student(checkpoint_dir):
     keras.utils.set_random_seed(0)
     labelled = _shapes(12, seed=1, noise=30.0)
     unlabelled, truth = _shapes(60, seed=2, noise=30.0)
-    def residual_encoder():  # residual blocks, so the students get stochastic depth as well as dropout
+    def residual_encoder():  # a residual block, so the students get stochastic depth as well as dropout
         return small_encoder()
 
     return run_noisy_student(residual_encoder, 3, labelled, unlabelled, _shapes(60, seed=3, noise=30.0), steps=20,
