@@ -56,17 +56,20 @@ class EpochCheckpoint:
         self.manager.save(checkpoint_number=epoch)
 
 
-def resume(model, directory, unit="epoch") -> tuple[EpochCheckpoint, int]:
-    """Builds the compiled model's optimizer, then restores the latest checkpoint in `directory`.
-
-    Returns the checkpoint and the epochs (or steps) it had finished. The optimizer's
-    variables are made here, under the model's strategy: built lazily inside a replicated
-    train step they would not be mirrored like the weights, and the checkpoint could not
-    restore them at once.
-    """
+def build_optimizer(model):
+    """Makes the compiled model's optimizer variables, under the model's strategy: built
+    lazily inside a replicated train step they would not be mirrored like the weights,
+    and a checkpoint could not restore them at once."""
     with model.distribute_strategy.scope():
         if not model.optimizer.built:  # building again would reset its momentum
             model.optimizer.build(model.optimized_variables)
+
+
+def resume(model, directory, unit="epoch") -> tuple[EpochCheckpoint, int]:
+    """Builds the optimizer, then restores the latest checkpoint in `directory`; returns the
+    checkpoint and the epochs (or steps) it had finished."""
+    build_optimizer(model)
+    with model.distribute_strategy.scope():
         checkpoint = EpochCheckpoint(model, directory, unit=unit)
         return checkpoint, checkpoint.restore()
 

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from recipes.base import Recipe, register
-from recipes.checkpointing import SaveEverySteps, resume
+from recipes.checkpointing import SaveEverySteps, build_optimizer, resume
 from recipes.semi.losses import soft_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
@@ -199,6 +199,7 @@ def fit_classifier(model, images=None, labels=None, targets=None, weights=None, 
     if checkpoint_dir is not None and int(model.optimizer.iterations.numpy()) != 0:
         raise ValueError("fit_classifier(checkpoint_dir=...) counts steps with the optimizer: give it a "
                          "model whose optimizer has not trained yet.")
+    build_optimizer(model)  # with or without checkpoints: a replicated step must not build it
     checkpoint, done = resume(model, checkpoint_dir, unit="step") if checkpoint_dir else (None, 0)
     if dataset is None:
         dataset = classifier_dataset(images, labels, targets, weights, batch_size, seed)
