@@ -23,15 +23,30 @@ import numpy as np
 import tensorflow as tf
 
 
+def feature_extractor(encoder: keras.Model, batch_size: int = 512):
+    """A function images -> encoder features in inference mode (BatchNorm uses moving statistics).
+
+    It traces the encoder once, with a free batch dimension, and reuses that graph for every
+    call: the train and the test split, every epoch of a `KnnMonitor`, a last partial batch.
+    """
+    graphs = {}
+
+    def extract(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        key = (images.shape[1:], images.dtype)
+        if key not in graphs:
+            spec = tf.TensorSpec([None, *images.shape[1:]], images.dtype)
+            graphs[key] = tf.function(lambda batch: encoder(batch, training=False), input_signature=[spec])
+        embed = graphs[key]
+        outputs = [embed(images[i : i + batch_size]).numpy() for i in range(0, len(images), batch_size)]
+        return np.concatenate(outputs, axis=0).astype(np.float32)
+
+    return extract
+
+
 def extract_features(encoder: keras.Model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Encoder features of `images` in inference mode (BatchNorm uses moving statistics)."""
-
-    @tf.function(reduce_retracing=True)
-    def embed(batch):
-        return encoder(batch, training=False)
-
-    outputs = [embed(tf.constant(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
-    return np.concatenate(outputs, axis=0).astype(np.float32)
+    """Encoder features of `images` in inference mode; `feature_extractor` for several calls."""
+    return feature_extractor(encoder, batch_size)(images)
 
 
 def _normalize(x):
@@ -133,8 +148,8 @@ def evaluate_encoder(encoder, train_images, train_labels, test_images, test_labe
 
     With `embedding_head`, also kNN on the head's output (`knn_embedding`).
     """
-    train_features = extract_features(encoder, train_images)
-    test_features = extract_features(encoder, test_images)
+    extract = feature_extractor(encoder)
+    train_features, test_features = extract(train_images), extract(test_images)
     results = {"knn": knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
                                    knn_k, knn_temperature, protocol)}
     if embedding_head is not None:
@@ -156,13 +171,16 @@ class KnnMonitor(keras.callbacks.Callback):
         super().__init__()
         self.data = (train_images, train_labels, test_images, test_labels)
         self.num_classes, self.every, self.k, self.temperature = num_classes, every, k, temperature
+        self.extract = None
+
+    def on_train_begin(self, logs=None):
+        self.extract = feature_extractor(self.model.encoder)  # one trace for the whole run
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every <= 0 or (epoch + 1) % self.every:
             return
         train_x, train_y, test_x, test_y = self.data
-        train_features = extract_features(self.model.encoder, train_x)
-        test_features = extract_features(self.model.encoder, test_x)
+        train_features, test_features = self.extract(train_x), self.extract(test_x)
         accuracies = {"val_knn": knn_accuracy(train_features, train_y, test_features, test_y, self.num_classes,
                                               self.k, self.temperature)["accuracy"]}
         head = self.model.embedding_head()

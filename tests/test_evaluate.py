@@ -97,3 +97,21 @@ def test_classification_report_counts_by_hand():
     assert report["accuracy"] == pytest.approx(3 / 6)
     with pytest.raises(ValueError, match="5 labels but 6 predictions"):
         evaluate.classification_report(labels[:5], predicted, num_classes=4)
+
+
+def test_feature_extractor_traces_the_encoder_once_for_every_split_and_partial_batch():
+    """The train split, the test split and a last partial batch share one graph (KnnMonitor
+    extracts both splits every epoch; each new trace of a ResNet costs seconds)."""
+    import tensorflow as tf
+
+    traces = []
+
+    def encoder(batch, training):
+        traces.append(training)  # runs only while tracing
+        return tf.reduce_mean(batch, axis=[1, 2])
+
+    extract = evaluate.feature_extractor(encoder, batch_size=8)
+    images = np.random.RandomState(0).uniform(0, 255, (21, 4, 4, 3)).astype("float32")
+    np.testing.assert_allclose(extract(images), images.mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(extract(images[:5]), images[:5].mean(axis=(1, 2)), rtol=1e-5)
+    assert traces == [False]  # one trace, in inference mode
