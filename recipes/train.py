@@ -243,11 +243,14 @@ def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
                 checkpoint.save(epoch + 1)
 
     guard = Guard()
-    callbacks = [guard, keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch")]
+    callbacks = [guard]
     if knn_data is not None:
         from recipes.evaluate import KnnMonitor
 
         callbacks.append(KnnMonitor(*knn_data, num_classes=num_classes, every=FLAGS.knn_every))
+    # Last, so it writes what the callbacks before it added to the epoch's logs: the held-out
+    # kNN lands in logs/validation as epoch_knn and epoch_knn_embedding.
+    callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"))
     return guard, callbacks
 
 

@@ -139,12 +139,25 @@ def test_two_workers_multi_worker_mirrored_end_with_identical_weights(data_dir, 
     assert any(not np.allclose(a, b) for a, b in zip(chief, initial))
 
 
+def _tensorboard_scalars(log_dir):
+    """{tag: [values by epoch]} from the TensorBoard event files in `log_dir`."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    return scalars
+
+
 def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp_path):
     env = _env(data_dir, ZOO_HOME=str(tmp_path / "zoo"))
     first = _train([*SMALL, "--epochs=1", "--lr=0.02", "--backbone_norm=layer", f"--model_dir={tmp_path / 'a'}",
-                    "--publish_as=tiny_moco"], env)
+                    "--publish_as=tiny_moco", "--knn_every=1"], env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "Published tiny_moco:1" in first.stdout
+    assert _tensorboard_scalars(tmp_path / "a" / "logs" / "validation").keys() == {"epoch_knn", "epoch_knn_embedding"}
     # Only --zoo_entry, a new dir and a shorter schedule: everything else comes from the card.
     second = _train(["--zoo_entry=tiny_moco", "--epochs=1", "--steps_per_epoch=2", "--knn_every=0",
                      "--probe_epochs=0", "--verbose=0", f"--model_dir={tmp_path / 'b'}", "--publish_as=tiny_moco"], env)
