@@ -192,13 +192,14 @@ def baseline_rows(train_x, train_y, test_x, test_y, protocol):
     rows["raw pixels"] = evaluate_features("raw pixels", flat(train_x), train_y, flat(test_x), test_y, protocol)
     keras.utils.set_random_seed(FLAGS.seed)
     random_encoder = backbones.build(BACKBONE, train_x.shape[1:], FLAGS.width)
-    rows["random init"] = evaluate_features("random init", evaluate.extract_features(random_encoder, train_x), train_y,
-                                            evaluate.extract_features(random_encoder, test_x), test_y, protocol)
+    extract = evaluate.feature_extractor(random_encoder)
+    rows["random init"] = evaluate_features("random init", extract(train_x), train_y, extract(test_x), test_y,
+                                            protocol)
     if FLAGS.supervised_epochs > 0:
         sup_encoder, sup_model = supervised_encoder(train_x, train_y, FLAGS.supervised_epochs, FLAGS.seed)
         sup_name = f"supervised ({FLAGS.supervised_epochs} epochs)"
-        rows[sup_name] = evaluate_features(sup_name, evaluate.extract_features(sup_encoder, train_x), train_y,
-                                           evaluate.extract_features(sup_encoder, test_x), test_y, protocol)
+        extract = evaluate.feature_extractor(sup_encoder)
+        rows[sup_name] = evaluate_features(sup_name, extract(train_x), train_y, extract(test_x), test_y, protocol)
         logits = sup_model.predict(test_x, batch_size=1024, verbose=0)
         rows[sup_name]["classifier_test_accuracy"] = float(np.mean(np.argmax(logits, 1) == test_y))
     cache[key] = rows
@@ -231,9 +232,10 @@ def main(argv):
     baselines = baseline_rows(train_x, train_y, test_x, test_y, protocol)
 
     encoder = keras.saving.load_model(os.path.join(run_dir, "encoder.keras"))
-    ssl_test_features = evaluate.extract_features(encoder, test_x)
+    extract = evaluate.feature_extractor(encoder)
+    ssl_test_features = extract(test_x)
     name = f"{FLAGS.recipe} ({run['epochs']} epochs)"
-    ssl_row = evaluate_features(name, evaluate.extract_features(encoder, train_x), train_y, ssl_test_features,
+    ssl_row = evaluate_features(name, extract(train_x), train_y, ssl_test_features,
                                 test_y, {**protocol, "pretrain_epochs": run["epochs"]})
     if "knn_embedding" in run_metrics:  # the run's own kNN on its projection-head output, same k, T and memory
         ssl_row["knn_embedding"] = run_metrics["knn_embedding"]
