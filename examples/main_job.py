@@ -56,8 +56,8 @@ def random_init_knn():
     test_x, test_y = data.load_arrays("fashion_mnist", "test")
     keras.utils.set_random_seed(FLAGS.seed)
     encoder = backbones.build("resnet18_small", train_x.shape[1:], 0.25)
-    result = evaluate.knn_accuracy(evaluate.extract_features(encoder, train_x), train_y,
-                                   evaluate.extract_features(encoder, test_x), test_y, 10)
+    extract = evaluate.feature_extractor(encoder)
+    result = evaluate.knn_accuracy(extract(train_x), train_y, extract(test_x), test_y, 10)
     return result["accuracy"], test_x[:16]
 
 
