@@ -80,6 +80,7 @@ def write_broken_version(base: str, name: str, version: int) -> str:
 
 def http_call(url: str, method: str = "GET", body=None, timeout: float = 30.0):
     """(status, parsed JSON or text) of one HTTP request; errors are answers, not exceptions."""
+    import faulthandler
     import json
     import urllib.error
     import urllib.request
@@ -91,6 +92,11 @@ def http_call(url: str, method: str = "GET", body=None, timeout: float = 30.0):
             status, payload = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, payload = exc.code, exc.read()
+    except (TimeoutError, urllib.error.URLError) as exc:
+        if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
+            # In tests the server runs in this process: its threads' stacks say where it stalled.
+            faulthandler.dump_traceback(all_threads=True)
+        raise
     try:
         return status, json.loads(payload)
     except ValueError:
