@@ -105,20 +105,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     # Classify / Regress take tf.Examples and run a signature of that method kind.
     @_rpc("classify")
     def Classify(self, request, context, obs):
-        servable, sig, outputs, n = self._run_examples(request, CLASSIFY_METHOD, context)
-        obs.version = str(servable.version)
-        response = classification_pb2.ClassificationResponse()
-        _fill_spec(response.model_spec, servable, sig.name)
-        _fill_classifications(response.result, outputs, n)
-        return response
+        return self._answer_examples(request, context, obs, CLASSIFY_METHOD,
+                                     classification_pb2.ClassificationResponse(), _fill_classifications)
 
     @_rpc("regress")
     def Regress(self, request, context, obs):
-        servable, sig, outputs, n = self._run_examples(request, REGRESS_METHOD, context)
+        return self._answer_examples(request, context, obs, REGRESS_METHOD,
+                                     regression_pb2.RegressionResponse(), _fill_regressions)
+
+    def _answer_examples(self, request, context, obs, method, response, fill_result):
+        servable, sig, outputs, n = self._run_examples(request, method, context)
         obs.version = str(servable.version)
-        response = regression_pb2.RegressionResponse()
         _fill_spec(response.model_spec, servable, sig.name)
-        _fill_regressions(response.result, outputs, n)
+        fill_result(response.result, outputs, n)
         return response
 
     @_rpc("multi_inference")

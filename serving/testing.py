@@ -65,6 +65,28 @@ def export_toy_model(base: str, name: str, version: int, shape=(8, 8, 1), dim=4,
     return target
 
 
+def export_example_model(base: str, name: str, version: int) -> str:
+    """A TF1-style SavedModel over serialized tf.Examples (float feature "x" of length 2), with a
+    classify signature as `serving_default` (classes "cat", "dog"; scores softmax(x)) and a
+    regress signature "regress" (sum of x): what Classify, Regress and MultiInference run on."""
+    target = os.path.join(base, name, str(version))
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        serialized = tf.compat.v1.placeholder(tf.string, [None], name="tf_example")
+        x = tf.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([2], tf.float32)})["x"]
+        classes = tf.tile(tf.constant([["cat", "dog"]]), [tf.shape(x)[0], 1])
+        signatures = {
+            "serving_default": tf.compat.v1.saved_model.classification_signature_def(
+                serialized, classes, tf.nn.softmax(x)),
+            "regress": tf.compat.v1.saved_model.regression_signature_def(
+                serialized, tf.reduce_sum(x, axis=1, keepdims=True)),
+        }
+        builder = tf.compat.v1.saved_model.Builder(target)
+        builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map=signatures)
+        builder.save()
+    return target
+
+
 def encode_png(image: np.ndarray) -> bytes:
     return tf.io.encode_png(tf.constant(image, tf.uint8)).numpy()
 

@@ -11,7 +11,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.server import ModelServer
-from serving.testing import ToyEncoder, encode_png, export_toy_model, write_broken_version
+from serving.testing import ToyEncoder, encode_png, export_example_model, export_toy_model, write_broken_version
 
 CONFIG = """
 model_config_list {
@@ -26,6 +26,7 @@ model_config_list {
     name: "pinned" base_path: "%(base)s/toy" model_platform: "tensorflow"
     model_version_policy { specific { versions: 1 } }
   }
+  config { name: "examples" base_path: "%(base)s/examples" model_platform: "tensorflow" }
   config {
     name: "broken" base_path: "%(base)s/broken" model_platform: "tensorflow"
     model_version_policy { all {} }
@@ -41,6 +42,7 @@ def server(tmp_path_factory):
     export_toy_model(base, "toy", 1)
     export_toy_model(base, "toy", 2)
     export_toy_model(base, "broken", 1)
+    export_example_model(base, "examples", 1)
     write_broken_version(base, "broken", 2)
     config = text_format.Parse(CONFIG % {"base": base}, model_server_config_pb2.ModelServerConfig())
     srv = ModelServer(config, rest_port=None, file_system_poll_wait_seconds=0)
@@ -197,6 +199,42 @@ def test_classify_regress_multiinference_unimplemented_without_such_signature(pr
     multi = inference_pb2.MultiInferenceRequest(input=examples["input"])
     multi.tasks.add(model_spec={"name": "toy"}, method_name="tensorflow/serving/classify")
     expect_code(lambda: predict.MultiInference(multi), grpc.StatusCode.UNIMPLEMENTED)
+
+
+def _example(x):
+    return {"features": {"feature": {"x": {"float_list": {"value": list(x)}}}}}
+
+
+def test_classify_regress_and_multiinference_answer_from_example_signatures(predict):
+    xs = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
+    softmax = np.exp(xs) / np.exp(xs).sum(axis=1, keepdims=True)
+    examples = {"example_list": {"examples": [_example(x) for x in xs]}}
+
+    answer = predict.Classify(classification_pb2.ClassificationRequest(model_spec={"name": "examples"}, input=examples))
+    assert (answer.model_spec.version.value, answer.model_spec.signature_name) == (1, "serving_default")
+    rows = answer.result.classifications
+    assert [[c.label for c in row.classes] for row in rows] == [["cat", "dog"]] * 2
+    np.testing.assert_allclose([[c.score for c in row.classes] for row in rows], softmax, rtol=1e-6)
+
+    regress_spec = {"name": "examples", "signature_name": "regress"}
+    answer = predict.Regress(regression_pb2.RegressionRequest(model_spec=regress_spec, input=examples))
+    assert answer.model_spec.signature_name == "regress"
+    np.testing.assert_allclose([r.value for r in answer.result.regressions], xs.sum(axis=1), rtol=1e-6)
+
+    multi = inference_pb2.MultiInferenceRequest(input=examples)
+    multi.tasks.add(model_spec={"name": "examples"}, method_name="tensorflow/serving/classify")
+    multi.tasks.add(model_spec=regress_spec, method_name="tensorflow/serving/regress")
+    classified, regressed = predict.MultiInference(multi).results
+    rows = classified.classification_result.classifications
+    np.testing.assert_allclose([[c.score for c in row.classes] for row in rows], softmax, rtol=1e-6)
+    np.testing.assert_allclose([r.value for r in regressed.regression_result.regressions], xs.sum(axis=1), rtol=1e-6)
+
+    # The context's features reach every example; a signature of the other kind is refused.
+    with_context = {"example_list_with_context": {"context": _example([3.0, 0.5]), "examples": [{}, {}]}}
+    answer = predict.Regress(regression_pb2.RegressionRequest(model_spec=regress_spec, input=with_context))
+    assert [r.value for r in answer.result.regressions] == [3.5, 3.5]
+    classify_signature = regression_pb2.RegressionRequest(model_spec={"name": "examples"}, input=examples)
+    expect_code(lambda: predict.Regress(classify_signature), grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def test_reload_config_adds_and_removes_models(server, models, predict):
