@@ -15,6 +15,23 @@ from serving.models import ModelManager
 from serving.servable import Servable, Signature
 
 
+def spec_args(spec) -> tuple[str, int | None, str | None]:
+    """(name, version or None, label or None) of a tensorflow.serving.ModelSpec."""
+    choice = spec.WhichOneof("version_choice")
+    version = spec.version.value if choice == "version" else None
+    label = spec.version_label if choice == "version_label" else None
+    if not spec.name:
+        raise errors.invalid_argument("Missing ModelSpec name")
+    return spec.name, version, label
+
+
+def fill_model_spec(spec, servable: Servable, signature_name: str):
+    """The ModelSpec of an answer: which version and signature ran."""
+    spec.name = servable.name
+    spec.version.value = servable.version
+    spec.signature_name = signature_name
+
+
 class ServingCore:
     def __init__(self, manager: ModelManager, batcher: BatchScheduler | None = None,
                  metrics: ServerMetrics | None = None):

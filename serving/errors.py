@@ -90,7 +90,8 @@ def from_exception(exc: BaseException) -> ServingError:
 
 def _op_error_text(message: str) -> str:
     """The human part of a TF op error: drops 'Graph execution error', node traces and op ids."""
-    skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[", "\t [[")
+    skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[", "\t [[",
+            'File "')  # the Python frames where a (TF1 or traced) graph's node was defined
     lines = [ln.strip() for ln in message.splitlines()]
     kept = [ln.split(" [[")[0].split(" [Op:")[0] for ln in lines if ln and not ln.startswith(skip)]
     return " ".join(kept) or message.strip()

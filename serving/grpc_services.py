@@ -14,29 +14,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      inference_pb2, model_management_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc, regression_pb2)
+                                     predict_pb2, prediction_service_pb2_grpc)
 
-from serving import errors
-from serving.core import ServingCore
+from serving import errors, examples
+from serving.core import ServingCore, fill_model_spec, spec_args
 from serving.servable import CLASSIFY_METHOD, REGRESS_METHOD
 
 log = logging.getLogger("serving.grpc")
-
-
-def _spec_args(spec):
-    """(name, version or None, label or None) of a ModelSpec."""
-    choice = spec.WhichOneof("version_choice")
-    version = spec.version.value if choice == "version" else None
-    label = spec.version_label if choice == "version_label" else None
-    if not spec.name:
-        raise errors.invalid_argument("Missing ModelSpec name")
-    return spec.name, version, label
-
-
-def _fill_spec(spec, servable, signature_name):
-    spec.name = servable.name
-    spec.version.value = servable.version
-    spec.signature_name = signature_name
 
 
 def _rpc(api):
@@ -77,21 +61,21 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_rpc("predict")
     def Predict(self, request, context, obs):
-        name, version, label = _spec_args(request.model_spec)
+        name, version, label = spec_args(request.model_spec)
         inputs = {k: _to_array(k, v) for k, v in request.inputs.items()}
         servable, sig, outputs = self.core.predict(
             name, version, label, request.model_spec.signature_name or None, inputs,
             output_filter=list(request.output_filter), strict_dtypes=True, timeout=_timeout(context))
         obs.version = str(servable.version)
         response = predict_pb2.PredictResponse()
-        _fill_spec(response.model_spec, servable, sig.name)
+        fill_model_spec(response.model_spec, servable, sig.name)
         for key, value in outputs.items():
             response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
         return response
 
     @_rpc("get_model_metadata")
     def GetModelMetadata(self, request, context, obs):
-        name, version, label = _spec_args(request.model_spec)
+        name, version, label = spec_args(request.model_spec)
         fields = list(request.metadata_field)
         if not fields:
             raise errors.invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
@@ -105,19 +89,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     # Classify / Regress take tf.Examples and run a signature of that method kind.
     @_rpc("classify")
     def Classify(self, request, context, obs):
-        return self._answer_examples(request, context, obs, CLASSIFY_METHOD,
-                                     classification_pb2.ClassificationResponse(), _fill_classifications)
+        response = examples.classify(self.core, request, _timeout(context))
+        obs.version = str(response.model_spec.version.value)
+        return response
 
     @_rpc("regress")
     def Regress(self, request, context, obs):
-        return self._answer_examples(request, context, obs, REGRESS_METHOD,
-                                     regression_pb2.RegressionResponse(), _fill_regressions)
-
-    def _answer_examples(self, request, context, obs, method, response, fill_result):
-        servable, sig, outputs, n = self._run_examples(request, method, context)
-        obs.version = str(servable.version)
-        _fill_spec(response.model_spec, servable, sig.name)
-        fill_result(response.result, outputs, n)
+        response = examples.regress(self.core, request, _timeout(context))
+        obs.version = str(response.model_spec.version.value)
         return response
 
     @_rpc("multi_inference")
@@ -130,74 +109,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             method = task.method_name
             if method not in (CLASSIFY_METHOD, REGRESS_METHOD):
                 raise errors.unimplemented(f"Unsupported signature method_name: {method}")
-            servable, sig, outputs, n = self._run_examples(sub, method, context)
+            servable, sig, outputs, n = examples.run(self.core, sub, method, _timeout(context))
             result = response.results.add()
-            _fill_spec(result.model_spec, servable, sig.name)
+            fill_model_spec(result.model_spec, servable, sig.name)
             if method == CLASSIFY_METHOD:
-                _fill_classifications(result.classification_result, outputs, n)
+                examples.fill_classifications(result.classification_result, outputs, n)
             else:
-                _fill_regressions(result.regression_result, outputs, n)
+                examples.fill_regressions(result.regression_result, outputs, n)
         return response
-
-    def _run_examples(self, request, method, context):
-        name, version, label = _spec_args(request.model_spec)
-        servable = self.core.manager.servable(name, version, label)
-        kind = method.rsplit("/", 1)[-1]
-        if not any(s.method_name == method for s in servable.signatures.values()):
-            raise errors.unimplemented(
-                f"{kind.capitalize()} is not supported by model {name} version {servable.version}: "
-                f"it has no signature with method_name {method}. Use Predict.")
-        sig = servable.signature(request.model_spec.signature_name or None)
-        if sig.method_name != method:
-            raise errors.invalid_argument(
-                f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}")
-        examples = _serialized_examples(request.input)
-        (key,) = sig.inputs
-        _, _, outputs = self.core.predict(name, servable.version, None, sig.name,
-                                          {key: np.array(examples, dtype=object)}, timeout=_timeout(context))
-        return servable, sig, outputs, len(examples)
-
-
-def _serialized_examples(inp) -> list[bytes]:
-    kind = inp.WhichOneof("kind")
-    if kind == "example_list":
-        examples = list(inp.example_list.examples)
-    elif kind == "example_list_with_context":
-        examples = []
-        for ex in inp.example_list_with_context.examples:
-            merged = type(ex)()
-            merged.CopyFrom(inp.example_list_with_context.context)
-            merged.MergeFrom(ex)
-            examples.append(merged)
-    else:
-        raise errors.invalid_argument("Input is empty")
-    if not examples:
-        raise errors.invalid_argument("Input is empty")
-    return [e.SerializeToString() for e in examples]
-
-
-def _fill_classifications(result, outputs, n):
-    classes, scores = outputs.get("classes"), outputs.get("scores")
-    if classes is None and scores is None:
-        raise errors.invalid_argument("Classification signature needs a 'classes' or 'scores' output")
-    for i in range(n):
-        row = result.classifications.add()
-        k = (classes if classes is not None else scores)[i].shape[-1]
-        for j in range(k):
-            cls = row.classes.add()
-            if classes is not None:
-                value = classes[i][j]
-                cls.label = value.decode() if isinstance(value, bytes) else str(value)
-            if scores is not None:
-                cls.score = float(scores[i][j])
-
-
-def _fill_regressions(result, outputs, n):
-    if "outputs" not in outputs:
-        raise errors.invalid_argument("Regression signature needs an 'outputs' output")
-    values = np.reshape(outputs["outputs"], (n,))
-    for v in values:
-        result.regressions.add(value=float(v))
 
 
 def metadata_response(servable) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -229,7 +148,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     @_rpc("get_model_status")
     def GetModelStatus(self, request, context, obs):
-        name, version, label = _spec_args(request.model_spec)
+        name, version, label = spec_args(request.model_spec)
         return status_response(self.core.manager, name, version, label)
 
     @_rpc("reload_config")

@@ -3,6 +3,8 @@
   GET  /v1/models/NAME[/versions/V | /labels/L]             model status
   GET  /v1/models/NAME[/versions/V | /labels/L]/metadata    signature metadata
   POST /v1/models/NAME[/versions/V | /labels/L]:predict     row or columnar JSON
+  POST /v1/models/NAME[/versions/V | /labels/L]:classify    tf.Examples as JSON objects
+  POST /v1/models/NAME[/versions/V | /labels/L]:regress     tf.Examples as JSON objects
   GET  <prometheus path>                                    metrics, when enabled
 
 Errors are {"error": "..."} with the HTTP status TF Serving derives from the canonical
@@ -19,11 +21,11 @@ import threading
 from urllib.parse import unquote
 
 from google.protobuf import json_format
+from tensorflow_serving.apis import classification_pb2, regression_pb2
 
-from serving import errors, rest_json
+from serving import errors, examples, rest_json
 from serving.core import ServingCore
 from serving.grpc_services import metadata_response, status_response
-from serving.servable import CLASSIFY_METHOD, REGRESS_METHOD
 
 log = logging.getLogger("serving.rest")
 
@@ -93,7 +95,7 @@ class RestServer:
                 body = read_body()
                 if verb == "predict":
                     return 200, self._predict(name, version, label, body, obs), "application/json"
-                return self._classify_or_regress(name, version, label, verb)
+                return 200, self._classify_or_regress(name, version, label, verb, body, obs), "application/json"
         except errors.ServingError as exc:
             return self._error(exc)
         except Exception as exc:  # noqa: BLE001  (a bug answers 500; the server keeps serving)
@@ -112,14 +114,23 @@ class RestServer:
         obs.version = str(servable.version)
         return rest_json.dumps(rest_json.format_outputs(outputs, fmt))
 
-    def _classify_or_regress(self, name, version, label, verb):
-        servable = self.core.manager.servable(name, version, label)
-        method = CLASSIFY_METHOD if verb == "classify" else REGRESS_METHOD
-        if not any(s.method_name == method for s in servable.signatures.values()):
-            raise errors.unimplemented(
-                f"{verb.capitalize()} is not supported by model {name} version {servable.version}: "
-                f"it has no signature with method_name {method}. Use :predict.")
-        raise errors.unimplemented(f"REST :{verb} is not implemented by this server; use gRPC {verb.capitalize()}.")
+    def _classify_or_regress(self, name, version, label, verb, body, obs) -> bytes:
+        request = (classification_pb2.ClassificationRequest() if verb == "classify"
+                   else regression_pb2.RegressionRequest())
+        request.model_spec.name = name
+        if version is not None:
+            request.model_spec.version.value = version
+        elif label is not None:
+            request.model_spec.version_label = label
+        rest_json.examples_request(rest_json.load_body(body), request)
+        if verb == "classify":
+            response = examples.classify(self.core, request, self.timeout)
+            answer = rest_json.classification_json(response.result)
+        else:
+            response = examples.regress(self.core, request, self.timeout)
+            answer = rest_json.regression_json(response.result)
+        obs.version = str(response.model_spec.version.value)
+        return rest_json.dumps(answer)
 
     @staticmethod
     def _error(exc: errors.ServingError):

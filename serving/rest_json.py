@@ -1,16 +1,22 @@
-"""TF Serving's REST JSON <-> numpy, for the predict API's row and columnar formats.
+"""TF Serving's REST JSON: predict's row and columnar formats, classify/regress's tf.Examples.
 
 Row format: {"instances": [row, ...]} -> {"predictions": [...]}; a row is a value when the
 signature has one input, else an object of named inputs. Columnar format: {"inputs": value
 or {name: value}} -> {"outputs": ...}. Binary strings travel as {"b64": "..."}; string
 outputs whose name ends in "_bytes" are returned that way too. JSON numbers take the dtype
 the signature declares.
+
+Classify/regress: {"signature_name": ..., "context": {feature: value(s)}, "examples":
+[{feature: value(s)}, ...]} -> {"result": [[[label, score], ...], ...]} or {"result": [value,
+...]}. A feature's kind follows its JSON values: integers and booleans int64_list, other
+numbers float_list, strings and {"b64"} bytes_list.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -165,6 +171,68 @@ def format_outputs(outputs: dict[str, np.ndarray], fmt: str) -> dict:
         return {"predictions": _json_value(key, value)}
     columns = {k: _json_value(k, v) for k, v in outputs.items()}
     return {"predictions": [{k: columns[k][i] for k in columns} for i in range(batch)]}
+
+
+def examples_request(obj: dict, request):
+    """Fills a Classification/RegressionRequest's signature_name and input from the JSON body."""
+    signature_name = obj.get("signature_name")
+    if signature_name is not None:
+        if not isinstance(signature_name, str):
+            raise errors.invalid_argument("'signature_name' must be a string.")
+        request.model_spec.signature_name = signature_name
+    examples = obj.get("examples")
+    if examples is None:
+        raise errors.invalid_argument("Missing 'examples' key in the request: a list of tf.Example objects.")
+    if not isinstance(examples, list) or not examples:
+        raise errors.invalid_argument("'examples' must be a non-empty JSON list of objects.")
+    if "context" in obj:
+        with_context = request.input.example_list_with_context
+        _fill_example(obj["context"], with_context.context, "context")
+        add = with_context.examples.add
+    else:
+        add = request.input.example_list.examples.add
+    for i, example in enumerate(examples):
+        _fill_example(example, add(), f"example {i}")
+
+
+def _fill_example(obj, example, where: str):
+    if not isinstance(obj, dict) or _is_b64(obj):
+        raise errors.invalid_argument(f"The {where} must be a JSON object of features, got {type(obj).__name__}.")
+    for name, value in obj.items():
+        feature = example.features.feature[name]  # an empty list still names the feature
+        for item in value if isinstance(value, list) else [value]:
+            _add_feature_value(feature, name, item)
+
+
+def _add_feature_value(feature, name: str, value):
+    if isinstance(value, bool):
+        kind, value = "int64_list", int(value)
+    elif isinstance(value, int):
+        if not -2**63 <= value < 2**63:
+            raise errors.invalid_argument(f"Feature '{name}': {value} does not fit in int64.")
+        kind = "int64_list"
+    elif isinstance(value, float):
+        if math.isfinite(value) and not math.isfinite(np.float32(value)):
+            raise errors.invalid_argument(f"Feature '{name}': {value} does not fit in a float.")
+        kind = "float_list"
+    elif isinstance(value, str) or _is_b64(value):
+        kind, value = "bytes_list", _strings(value, name)
+    else:
+        raise errors.invalid_argument(
+            f"Feature '{name}' has an element of JSON type {type(value).__name__}; a feature holds numbers, "
+            "booleans, strings or {\"b64\": ...} values, one value or a flat list.")
+    current = feature.WhichOneof("kind")
+    if current not in (None, kind):
+        raise errors.invalid_argument(f"Feature '{name}' mixes {current} and {kind} values; a feature holds one kind.")
+    getattr(feature, kind).value.append(value)
+
+
+def classification_json(result) -> dict:
+    return {"result": [[[c.label, c.score] for c in row.classes] for row in result.classifications]}
+
+
+def regression_json(result) -> dict:
+    return {"result": [r.value for r in result.regressions]}
 
 
 def dumps(obj) -> bytes:

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.server import ModelServer
-from serving.testing import ToyEncoder, encode_png, export_toy_model, http_call
+from serving.testing import ToyEncoder, encode_png, export_example_model, export_toy_model, http_call
 
 CONFIG = """
 model_config_list {
@@ -19,6 +19,7 @@ model_config_list {
     model_version_policy { latest { num_versions: 2 } }
     version_labels { key: "stable" value: 1 }
   }
+  config { name: "examples" base_path: "%(base)s/examples" model_platform: "tensorflow" }
 }
 """
 IMAGES = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 1)).astype(np.float32)
@@ -30,6 +31,7 @@ def server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("models"))
     export_toy_model(base, "toy", 1)
     export_toy_model(base, "toy", 2)
+    export_example_model(base, "examples", 1)
     config = text_format.Parse(CONFIG % {"base": base}, model_server_config_pb2.ModelServerConfig())
     srv = ModelServer(config, grpc_port=None, file_system_poll_wait_seconds=0, max_body_bytes=MAX_BODY)
     srv.start()
@@ -110,6 +112,49 @@ def test_bad_bodies_answer_error_json_and_server_keeps_serving(call, case):
     assert status == code, answer
     assert isinstance(answer, dict) and set(answer) == {"error"} and answer["error"]
     assert call("/v1/models/toy:predict", {"instances": IMAGES.tolist()})[0] == 200
+
+
+XS = np.array([[1.0, 2.0], [0.5, -1.25]])
+
+
+def test_classify_and_regress_take_examples_as_json(call):
+    softmax = np.exp(XS) / np.exp(XS).sum(axis=1, keepdims=True)
+    status, body = call("/v1/models/examples:classify", {"examples": [{"x": list(x)} for x in XS]})
+    assert status == 200, body
+    assert [[label for label, _ in row] for row in body["result"]] == [["cat", "dog"]] * 2
+    np.testing.assert_allclose([[score for _, score in row] for row in body["result"]], softmax, rtol=1e-6)
+
+    status, body = call("/v1/models/examples/versions/1:regress",
+                        {"signature_name": "regress", "examples": [{"x": list(x)} for x in XS]})
+    assert status == 200, body
+    np.testing.assert_allclose(body["result"], XS.sum(axis=1), rtol=1e-6)
+
+    # The context's features reach every example; an example's own features win over it.
+    status, body = call("/v1/models/examples:regress", {"signature_name": "regress", "context": {"x": [3.0, 0.5]},
+                                                        "examples": [{}, {"x": [1.5, 1.5]}]})
+    assert (status, body) == (200, {"result": [3.5, 3.0]})
+
+
+BAD_EXAMPLES = {
+    "no_examples": {"signature_name": "regress"},
+    "empty_examples": {"examples": []},
+    "example_not_object": {"examples": [[1.0, 2.0]]},
+    "mixed_kinds": {"examples": [{"x": [1.0, "a"]}]},
+    "nested_list": {"examples": [{"x": [[1.0, 2.0]]}]},
+    "null_value": {"examples": [{"x": None}]},
+    "int_feature_for_float": {"examples": [{"x": [1, 2]}]},  # int64_list: the model's ParseExample fails
+    "too_big_for_int64": {"examples": [{"x": [2**64]}]},
+    "predict_signature_kind": {"signature_name": "regress", "examples": [{"x": [1.0, 2.0]}]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXAMPLES))
+def test_bad_classify_bodies_answer_400_and_server_keeps_serving(call, case):
+    status, answer = call("/v1/models/examples:classify", BAD_EXAMPLES[case])
+    assert status == 400, answer
+    assert set(answer) == {"error"} and answer["error"]
+    assert 'File "' not in answer["error"], "the graph's Python frames are noise to a client"
+    assert call("/v1/models/examples:classify", {"examples": [{"x": [0.0, 0.0]}]}) == (200, {"result": [[["cat", 0.5], ["dog", 0.5]]]})
 
 
 @pytest.mark.parametrize("path, method, body, code", [
