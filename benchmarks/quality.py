@@ -212,7 +212,6 @@ def main(argv):
     del argv
     os.chdir(ROOT)
     import keras
-    import numpy as np
 
     from recipes import data, evaluate
 

@@ -365,7 +365,7 @@ def train(argv=None) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    import recipes
+    import recipes  # noqa: F401  (registers every recipe)
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
     from recipes.checkpointing import resume

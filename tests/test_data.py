@@ -4,7 +4,6 @@ import pathlib
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from recipes import data
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from recipes.base import RECIPES
-from recipes.semi.finetune import FineTune, fit_classifier, run_finetune
+from recipes.semi.finetune import FineTune, run_finetune
 from recipes.semi.noisy_student import NoisyStudent, run_noisy_student
 from recipes.semi.pseudo_label import PseudoLabel, run_pseudo_label
 from recipes.semi.self_training import _copy_weights, student_dataset

@@ -29,7 +29,6 @@ expectation). Noise indices are drawn statelessly per step, equal on every repli
 
 import math
 
-import keras
 import tensorflow as tf
 
 from recipes import distribute

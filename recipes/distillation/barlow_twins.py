@@ -22,7 +22,6 @@ Projector: three linear layers of 8192 units, BN + ReLU after the first two (sec
 3); augmentations: BYOL's asymmetric pair (the paper follows BYOL).
 """
 
-import tensorflow as tf
 
 from recipes import distribute
 from recipes.augment import BYOL_VIEW_1, BYOL_VIEW_2, random_view, updated_policies
