@@ -17,18 +17,18 @@ from serving.servable import CLASSIFY_METHOD, REGRESS_METHOD
 
 
 def classify(core: ServingCore, request, timeout=None) -> classification_pb2.ClassificationResponse:
-    response = classification_pb2.ClassificationResponse()
-    servable, sig, outputs, n = run(core, request, CLASSIFY_METHOD, timeout)
-    fill_model_spec(response.model_spec, servable, sig.name)
-    fill_classifications(response.result, outputs, n)
-    return response
+    return _answer(core, request, timeout, CLASSIFY_METHOD,
+                   classification_pb2.ClassificationResponse(), fill_classifications)
 
 
 def regress(core: ServingCore, request, timeout=None) -> regression_pb2.RegressionResponse:
-    response = regression_pb2.RegressionResponse()
-    servable, sig, outputs, n = run(core, request, REGRESS_METHOD, timeout)
+    return _answer(core, request, timeout, REGRESS_METHOD, regression_pb2.RegressionResponse(), fill_regressions)
+
+
+def _answer(core, request, timeout, method, response, fill_result):
+    servable, sig, outputs, n = run(core, request, method, timeout)
     fill_model_spec(response.model_spec, servable, sig.name)
-    fill_regressions(response.result, outputs, n)
+    fill_result(response.result, outputs, n)
     return response
 
 
