@@ -18,7 +18,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 
 from serving import errors, examples
 from serving.core import ServingCore, fill_model_spec, spec_args
-from serving.servable import CLASSIFY_METHOD, REGRESS_METHOD
+from serving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD
 
 log = logging.getLogger("serving.grpc")
 
@@ -104,12 +104,24 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = inference_pb2.MultiInferenceResponse()
         if not request.tasks:
             raise errors.invalid_argument("MultiInferenceRequest must have at least one task")
+        if len({t.model_spec.name for t in request.tasks}) > 1:
+            raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        seen = set()
+        for task in request.tasks:
+            signature_name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+            if signature_name in seen:
+                raise errors.invalid_argument(f"Duplicate evaluation of signature: {signature_name}")
+            seen.add(signature_name)
+        version = None  # every task runs on the version the first one resolved, even mid-swap
         for task in request.tasks:
             sub = classification_pb2.ClassificationRequest(model_spec=task.model_spec, input=request.input)
+            if version is not None:
+                sub.model_spec.version.value = version
             method = task.method_name
             if method not in (CLASSIFY_METHOD, REGRESS_METHOD):
                 raise errors.unimplemented(f"Unsupported signature method_name: {method}")
             servable, sig, outputs, n = examples.run(self.core, sub, method, _timeout(context))
+            version = servable.version
             result = response.results.add()
             fill_model_spec(result.model_spec, servable, sig.name)
             if method == CLASSIFY_METHOD:

@@ -229,6 +229,13 @@ def test_classify_regress_and_multiinference_answer_from_example_signatures(pred
     np.testing.assert_allclose([[c.score for c in row.classes] for row in rows], softmax, rtol=1e-6)
     np.testing.assert_allclose([r.value for r in regressed.regression_result.regressions], xs.sum(axis=1), rtol=1e-6)
 
+    assert classified.model_spec.version.value == regressed.model_spec.version.value == 1
+    for first, second in [({"name": "examples"}, {"name": "toy"}), ({"name": "examples"}, {"name": "examples"})]:
+        bad = inference_pb2.MultiInferenceRequest(input=examples)  # two models, or one signature twice
+        bad.tasks.add(model_spec=first, method_name="tensorflow/serving/classify")
+        bad.tasks.add(model_spec=second, method_name="tensorflow/serving/classify")
+        expect_code(lambda: predict.MultiInference(bad), grpc.StatusCode.INVALID_ARGUMENT)
+
     # The context's features reach every example; a signature of the other kind is refused.
     with_context = {"example_list_with_context": {"context": _example([3.0, 0.5]), "examples": [{}, {}]}}
     answer = predict.Regress(regression_pb2.RegressionRequest(model_spec=regress_spec, input=with_context))
