@@ -13,6 +13,8 @@ except CPC: its scores are unnormalized dot products with no temperature, so at 
 are large (loss ~60 against log(9216) = 9.1 for chance) and SGD at lr 0.06 diverged (NaN
 at step 4; with a 1-epoch warm-up the loss passed 1e5 by step 10). CPC trains with AdamW
 at lr 4e-4 (loss down to ~15 after 30 steps); CPC v1 (van den Oord et al.) trained with Adam.
+And Barlow Twins, which under SGD learned too slowly for this budget, trains with LARS as its
+paper does.
 
 Hyperparameters: the papers size heads for 2048-d ImageNet features; here the encoder
 gives 128-d features (resnet18_small, width 0.25), so heads shrink (solo-learn's CIFAR
@@ -25,7 +27,13 @@ the cosine schedule raises m toward 1 from there). Anything not listed is the pa
 BACKBONE, WIDTH = "resnet18_small", 0.25
 BUDGET_RECIPE, BUDGET_EPOCHS = "moco", 45
 OPTIMIZER = {"optimizer": "sgd", "lr": "0.06", "weight_decay": "5e-4", "batch_size": "256"}  # recipes.train flags
-OPTIMIZER_OVERRIDES = {"cpc": {"optimizer": "adamw", "lr": "4e-4"}}
+OPTIMIZER_OVERRIDES = {
+    "cpc": {"optimizer": "adamw", "lr": "4e-4"},
+    # LARS as the Barlow Twins code sets it (eta 0.02, biases and BN at 0.024 x the rate), lr 0.3, 2 warm-up
+    # epochs: held-out kNN 0.795 at epoch 5 against SGD's 0.634 (README, Results).
+    "barlow_twins": {"optimizer": "lars", "lr": "0.3", "weight_decay": "1e-4", "warmup_epochs": "2",
+                     "optimizer_args": "eta=0.02,vector_lr_scale=0.024"},
+}
 STEPS_PER_EPOCH = 60000 // 256
 
 HPARAMS = {
