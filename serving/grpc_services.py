@@ -107,19 +107,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if len({t.model_spec.name for t in request.tasks}) > 1:
             raise errors.invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
         seen = set()
-        for task in request.tasks:
+        for task in request.tasks:  # the whole request is checked before any task runs
             signature_name = task.model_spec.signature_name or DEFAULT_SIGNATURE
             if signature_name in seen:
                 raise errors.invalid_argument(f"Duplicate evaluation of signature: {signature_name}")
             seen.add(signature_name)
+            if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                raise errors.unimplemented(f"Unsupported signature method_name: {task.method_name}")
         version = None  # every task runs on the version the first one resolved, even mid-swap
         for task in request.tasks:
             sub = classification_pb2.ClassificationRequest(model_spec=task.model_spec, input=request.input)
             if version is not None:
                 sub.model_spec.version.value = version
             method = task.method_name
-            if method not in (CLASSIFY_METHOD, REGRESS_METHOD):
-                raise errors.unimplemented(f"Unsupported signature method_name: {method}")
             servable, sig, outputs, n = examples.run(self.core, sub, method, _timeout(context))
             version = servable.version
             result = response.results.add()
