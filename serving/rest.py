@@ -114,23 +114,24 @@ class RestServer:
         obs.version = str(servable.version)
         return rest_json.dumps(rest_json.format_outputs(outputs, fmt))
 
+    # verb -> (request message, the shared Classify/Regress call, its result as TF Serving's JSON)
+    _EXAMPLE_VERBS = {
+        "classify": (classification_pb2.ClassificationRequest, examples.classify, rest_json.classification_json),
+        "regress": (regression_pb2.RegressionRequest, examples.regress, rest_json.regression_json),
+    }
+
     def _classify_or_regress(self, name, version, label, verb, body, obs) -> bytes:
-        request = (classification_pb2.ClassificationRequest() if verb == "classify"
-                   else regression_pb2.RegressionRequest())
+        request_type, run, to_json = self._EXAMPLE_VERBS[verb]
+        request = request_type()
         request.model_spec.name = name
         if version is not None:
             request.model_spec.version.value = version
         elif label is not None:
             request.model_spec.version_label = label
         rest_json.examples_request(rest_json.load_body(body), request)
-        if verb == "classify":
-            response = examples.classify(self.core, request, self.timeout)
-            answer = rest_json.classification_json(response.result)
-        else:
-            response = examples.regress(self.core, request, self.timeout)
-            answer = rest_json.regression_json(response.result)
+        response = run(self.core, request, self.timeout)
         obs.version = str(response.model_spec.version.value)
-        return rest_json.dumps(answer)
+        return rest_json.dumps(to_json(response.result))
 
     @staticmethod
     def _error(exc: errors.ServingError):
