@@ -250,6 +250,19 @@ def test_dino_freezes_the_prototypes_at_the_start():
     assert any(np.abs(g.numpy()).max() > 0 for g in gradients)
 
 
+
+def test_dino_norm_last_layer_off_trains_the_prototype_norms_and_the_teacher_follows():
+    recipe = _dino(norm_last_layer=False, momentum_base=0.5)()
+    recipe.compile(optimizer=keras.optimizers.SGD(0.5))
+    student, teacher = recipe.head.layers[-1].magnitude, recipe.teacher_head.layers[-1].magnitude
+    assert student.trainable and any(v is student for v in recipe.optimized_variables)
+    for _ in range(2):
+        recipe.train_step({"image": tf.constant(_images(8))})
+    moved = np.abs(student.numpy() - 1.0)
+    assert moved.max() > 1e-4, "the prototype norms did not train"
+    # EMA at momentum 0.5 (the cosine schedule raises it only toward the end of total_steps=100)
+    assert 0 < np.abs(teacher.numpy() - 1.0).max() < moved.max()
+    assert recipe.get_config()["norm_last_layer"] is False
 def test_dino_view_overrides_keep_the_paper_views_and_reject_unknown_views():
     from recipes.augment import DINO_GLOBAL_2, DINO_LOCAL
 

@@ -17,7 +17,9 @@ teacher output over the global batch) stops one dimension from dominating, and
 uniform output that centring alone would favour.
 
 Head: 3-layer MLP (2048, GELU) to a 256-d bottleneck, L2 normalization, and a
-weight-normalized linear layer to K prototypes whose norm is frozen at 1; during the
+weight-normalized linear layer to K prototypes whose norm is frozen at 1 (the code's
+`norm_last_layer`; with it off the norms train too, which the authors found better but
+less stable, and used for their small ViTs); during the
 first `freeze_last_layer_steps` steps (the paper: one epoch) that last layer gets
 no update, which the paper found stabilizes the start of training.
 
@@ -69,6 +71,8 @@ class DINO(Recipe):
       local_crop_size: side of the local views; None = 96/224 of the image side, at
         least 8 pixels.
       freeze_last_layer_steps: steps during which the prototypes layer is not updated.
+      norm_last_layer: keep every prototype at norm 1 (True, the paper's default); False
+        trains the norms too.
       head_batch_norm: BN after the head's hidden layers (the paper code's
         `use_bn_in_head`, off for ViTs); see `heads.dino_head` for why a ResNet may want it.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
@@ -81,7 +85,8 @@ class DINO(Recipe):
     def __init__(self, encoder, total_steps=None, momentum_base=0.996, output_dim=65536, hidden_dim=2048,
                  bottleneck_dim=256, student_temperature=0.1, warmup_teacher_temperature=0.04,
                  teacher_temperature=0.07, teacher_temperature_warmup_steps=0, center_momentum=0.9,
-                 num_local_crops=8, local_crop_size=None, freeze_last_layer_steps=0, head_batch_norm=False,
+                 num_local_crops=8, local_crop_size=None, freeze_last_layer_steps=0, norm_last_layer=True,
+                 head_batch_norm=False,
                  bn_splits=None, view_policies=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.total_steps = None if total_steps is None else int(total_steps)
@@ -98,6 +103,7 @@ class DINO(Recipe):
         height, width, channels = encoder.input_shape[1:]
         self.local_crop_size = int(local_crop_size or max(8, round(min(height, width) * 96 / 224)))
         self.freeze_last_layer_steps = int(freeze_last_layer_steps)
+        self.norm_last_layer = bool(norm_last_layer)
         self.head_batch_norm = bool(head_batch_norm)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
         policies = {"global_1": DINO_GLOBAL_1, "global_2": DINO_GLOBAL_2, "local": DINO_LOCAL}
@@ -107,7 +113,8 @@ class DINO(Recipe):
         self.view_policies = {k: policy.updated((view_policies or {}).get(k, {})) for k, policy in policies.items()}
 
         self.head = dino_head(self.output_dim, self.hidden_dim, self.bottleneck_dim,
-                              batch_norm=self.head_batch_norm, name="student_head")
+                              norm_last_layer=self.norm_last_layer, batch_norm=self.head_batch_norm,
+                              name="student_head")
         self.head.build((None, encoder.output_shape[-1]))
         self.local_encoder = at_input_shape(encoder, (self.local_crop_size, self.local_crop_size, channels))
         self.teacher_encoder = copy_as_target(encoder)
@@ -125,7 +132,8 @@ class DINO(Recipe):
                 "teacher_temperature_warmup_steps": self.teacher_temperature_warmup_steps,
                 "center_momentum": self.center_momentum, "num_local_crops": self.num_local_crops,
                 "local_crop_size": self.local_crop_size, "freeze_last_layer_steps": self.freeze_last_layer_steps,
-                "head_batch_norm": self.head_batch_norm, "bn_splits": self.bn_splits,
+                "norm_last_layer": self.norm_last_layer, "head_batch_norm": self.head_batch_norm,
+                "bn_splits": self.bn_splits,
                 "view_policies": {k: v.to_config() for k, v in self.view_policies.items()}}
 
     @property
