@@ -78,16 +78,23 @@ class LARS(keras.optimizers.Optimizer):
     all three papers; Barlow Twins also gives them a smaller rate (0.0048 against 0.2 for the
     weights): `vector_lr_scale`.
 
+    `clip=True` is LARC's clip mode (NVIDIA apex; solo-learn's `clip_lr`, with which its CIFAR
+    BYOL and DINO runs use lr 1.0 / 0.3 at eta 0.02): a layer's rate is min(eta |w| / |g|, lr),
+    the trust ratio itself, capped at the global rate. Without it (scale mode) the rate is
+    lr * eta |w| / |g|, unbounded: a layer whose gradient is tiny next to its weights still
+    moves lr * eta of its norm each step, noise included.
+
     Args:
       learning_rate: rate or schedule (the papers: 0.2-0.3 x batch / 256).
       momentum: 0.9.
       l2: coupled weight decay (added to the gradient before the scaling), as in the papers.
       eta: trust coefficient (1e-3 in the papers' ImageNet runs).
       vector_lr_scale: multiplies the rate of vectors (1.0; Barlow Twins: 0.0048 / 0.2 = 0.024).
+      clip: LARC's clip mode, each layer's rate min(trust ratio, lr) (False: the papers' form).
     """
 
-    def __init__(self, learning_rate=0.2, momentum=0.9, l2=0.0, eta=1e-3, vector_lr_scale=1.0, name="lars",
-                 **kwargs):
+    def __init__(self, learning_rate=0.2, momentum=0.9, l2=0.0, eta=1e-3, vector_lr_scale=1.0, clip=False,
+                 name="lars", **kwargs):
         if kwargs.get("weight_decay") is not None:
             raise ValueError("LARS takes its weight decay as `l2` (added to the gradient before the trust ratio).")
         kwargs.pop("weight_decay", None)
@@ -97,6 +104,7 @@ class LARS(keras.optimizers.Optimizer):
                 raise ValueError(f"LARS {field} must be >= 0, got {value}.")
         self.momentum, self.l2, self.eta = float(momentum), float(l2), float(eta)
         self.vector_lr_scale = float(vector_lr_scale)
+        self.clip = bool(clip)
 
     def build(self, variables):
         if self.built:
@@ -114,6 +122,9 @@ class LARS(keras.optimizers.Optimizer):
             usable = ops.logical_and(ops.greater(weight_norm, 0.0), ops.greater(gradient_norm, 0.0))
             trust = ops.where(usable, ops.cast(self.eta, dtype) * weight_norm / ops.maximum(gradient_norm, 1e-30),
                               ops.ones_like(weight_norm))
+            if self.clip:  # min(trust, lr) / lr; at lr 0 the step is 0 whatever the factor
+                trust = ops.where(ops.greater(learning_rate, 0.0),
+                                  ops.minimum(trust, learning_rate) / ops.maximum(learning_rate, 1e-30), 1.0)
             gradient = ops.multiply(gradient, trust)
         else:
             learning_rate = ops.multiply(learning_rate, ops.cast(self.vector_lr_scale, dtype))
@@ -123,4 +134,4 @@ class LARS(keras.optimizers.Optimizer):
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "l2": self.l2, "eta": self.eta,
-                "vector_lr_scale": self.vector_lr_scale}
+                "vector_lr_scale": self.vector_lr_scale, "clip": self.clip}

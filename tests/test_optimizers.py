@@ -19,10 +19,10 @@ def numpy_sgd_l2(weights, targets, decayed, lr, momentum, nesterov, l2, steps):
     return weights
 
 
-def run_keras(optimizer, weights, targets, names, steps):
+def run_keras(optimizer, weights, targets, names, steps, loss_scale=1.0):
     variables = [keras.Variable(w, name=n) for w, n in zip(weights, names)]
     for _ in range(steps):
-        grads = [v.value - t for v, t in zip(variables, targets)]
+        grads = [loss_scale * (v.value - t) for v, t in zip(variables, targets)]
         optimizer.apply_gradients(zip(grads, variables))
     return [v.numpy() for v in variables]
 
@@ -124,8 +124,9 @@ def test_kernels_only_decay_is_the_same_on_one_device_and_on_two_replicas():
     np.testing.assert_allclose(bias_two, bias_one)
 
 
-def numpy_lars(weights, targets, lr, momentum, l2, eta, vector_lr_scale, steps, loss_scale=1.0):
-    """Reference in the Barlow Twins code's form, on the loss loss_scale * 0.5 * |w - t|^2."""
+def numpy_lars(weights, targets, lr, momentum, l2, eta, vector_lr_scale, steps, loss_scale=1.0, clip=False):
+    """Reference in the Barlow Twins code's form (with clip: NVIDIA LARC's), on the loss
+    loss_scale * 0.5 * |w - t|^2."""
     weights = [w.astype(np.float64).copy() for w in weights]
     buffers = [np.zeros_like(w) for w in weights]
     for _ in range(steps):
@@ -134,7 +135,8 @@ def numpy_lars(weights, targets, lr, momentum, l2, eta, vector_lr_scale, steps, 
             if w.ndim > 1:
                 g = g + l2 * w
                 w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
-                g = g * (eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0)
+                trust = eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+                g = g * (min(trust / lr, 1.0) if clip else trust)
             else:
                 rate = lr * vector_lr_scale
             buffers[i] = momentum * buffers[i] + g
@@ -158,6 +160,34 @@ def test_lars_matches_the_numpy_reference():
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert np.abs(got[3]).max() > 1e-3  # the zero matrix moved (plain SGD step)
+
+
+@pytest.mark.parametrize("loss_scale", [0.01, 100.0])
+def test_lars_clip_matches_the_numpy_reference(loss_scale):
+    weights, targets, names = lars_problem()
+    got = run_keras(LARS(0.5, momentum=0.9, l2=0.01, eta=0.02, clip=True), weights, targets, names, steps=10,
+                    loss_scale=loss_scale)
+    want = numpy_lars(weights, targets, 0.5, 0.9, 0.01, 0.02, 1.0, steps=10, loss_scale=loss_scale, clip=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_lars_clip_caps_each_layer_rate_at_the_learning_rate():
+    """A clipped layer's rate is min(eta |w| / |g|, lr): plain SGD's step when the gradient is
+    small next to the weights, eta |w| (not lr * eta |w|) when it is large."""
+    weights, targets, _ = lars_problem()
+    w, t = weights[0], targets[0]
+
+    def first_step(scale, clip):
+        variable = keras.Variable(w, name="kernel")
+        LARS(0.5, momentum=0.9, eta=0.02, clip=clip).apply_gradients([(scale * (variable.value - t), variable)])
+        return np.linalg.norm(variable.numpy() - w)
+
+    small_gradient = 1e-4 * np.linalg.norm(w - t)
+    np.testing.assert_allclose(first_step(1e-4, clip=True), 0.5 * small_gradient, rtol=1e-4)
+    assert first_step(1e-4, clip=False) > 10 * first_step(1e-4, clip=True)
+    np.testing.assert_allclose(first_step(1e3, clip=True), 0.02 * np.linalg.norm(w), rtol=1e-4)
+    np.testing.assert_allclose(first_step(1e3, clip=False), 0.5 * 0.02 * np.linalg.norm(w), rtol=1e-4)
 
 
 def test_lars_steps_on_weight_matrices_do_not_depend_on_the_loss_scale():
@@ -186,7 +216,8 @@ def test_lars_steps_on_weight_matrices_do_not_depend_on_the_loss_scale():
 def test_lars_config_round_trip_and_clear_errors():
     optimizer = LARS(0.3, momentum=0.8, l2=1e-4, eta=0.02, vector_lr_scale=0.024)
     clone = LARS.from_config(optimizer.get_config())
-    assert (clone.momentum, clone.l2, clone.eta, clone.vector_lr_scale) == (0.8, 1e-4, 0.02, 0.024)
+    assert (clone.momentum, clone.l2, clone.eta, clone.vector_lr_scale, clone.clip) == (0.8, 1e-4, 0.02, 0.024, False)
+    assert LARS.from_config(LARS(0.3, clip=True).get_config()).clip
     with pytest.raises(ValueError, match="l2"):
         LARS(0.3, weight_decay=1e-4)
     with pytest.raises(ValueError, match="eta must be"):
