@@ -86,8 +86,7 @@ class DINO(Recipe):
                  bottleneck_dim=256, student_temperature=0.1, warmup_teacher_temperature=0.04,
                  teacher_temperature=0.07, teacher_temperature_warmup_steps=0, center_momentum=0.9,
                  num_local_crops=8, local_crop_size=None, freeze_last_layer_steps=0, norm_last_layer=True,
-                 head_batch_norm=False,
-                 bn_splits=None, view_policies=None, seed=0, **kwargs):
+                 head_batch_norm=False, bn_splits=None, view_policies=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.momentum_base = float(momentum_base)
