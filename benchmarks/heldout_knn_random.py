@@ -1,0 +1,62 @@
+"""The held-out kNN monitor's number for a randomly initialized encoder: the floor of every
+`val_knn` curve.
+
+    python benchmarks/heldout_knn_random.py
+
+`recipes.train --knn_every=N` logs `val_knn`: weighted kNN (k=200, T=0.1) of the Fashion-MNIST
+test images against a memory of 10,000 training images (the run's seeded subset), which is
+lower than the final evaluation's kNN against all 60,000. This computes the same protocol,
+with the same subset, for fresh encoders of the quality runs' architecture, so a training
+curve can be read against "no training at all". Writes
+benchmarks/results/heldout_knn_random.json.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Weight seeds of the random encoders.")
+flags.DEFINE_integer("monitor_seed", 0, "The run's --seed, which picks the 10,000 memory images.")
+flags.DEFINE_integer("monitor_size", 10000, "recipes.train's --knn_monitor_size.")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
+FLAGS = flags.FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv):
+    del argv
+    os.chdir(ROOT)
+    import keras
+    import numpy as np
+
+    import fmnist_settings
+    from recipes import data
+    from recipes.evaluate import feature_extractor, knn_accuracy
+    from zoo import backbones
+
+    train_x, train_y = data.load_arrays("fashion_mnist", "train")
+    test_x, test_y = data.load_arrays("fashion_mnist", "test")
+    memory = np.random.RandomState(FLAGS.monitor_seed).permutation(len(train_x))[:FLAGS.monitor_size]  # as train.py
+    rows = []
+    for seed in map(int, FLAGS.seeds):
+        keras.utils.set_random_seed(seed)
+        encoder = backbones.build(fmnist_settings.BACKBONE, train_x.shape[1:], width=fmnist_settings.WIDTH)
+        extract = feature_extractor(encoder)
+        result = knn_accuracy(extract(train_x[memory]), train_y[memory], extract(test_x), test_y, 10)
+        rows.append({"seed": seed, "val_knn": result["accuracy"]})
+        print(json.dumps(rows[-1]))
+    accuracies = [r["val_knn"] for r in rows]
+    summary = {"protocol": {**result["protocol"], "memory": f"{FLAGS.monitor_size} training images "
+                            f"(--seed={FLAGS.monitor_seed})", "queries": "fashion_mnist test (10,000)",
+                            "encoder": f"{fmnist_settings.BACKBONE} width {fmnist_settings.WIDTH}, random init"},
+               "rows": rows, "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies))}
+    print(f"random-init val_knn: {summary['mean']:.4f} +- {summary['std']:.4f} over {len(rows)} seeds")
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.out_dir, "heldout_knn_random.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
