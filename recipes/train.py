@@ -16,6 +16,7 @@ same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -71,7 +72,8 @@ flags.DEFINE_string("init_from", None, "Start from this published zoo encoder (N
 flags.DEFINE_float("student_width", None, "noisy_student: width multiplier of every student (default --width). "
                    "The paper's students are equal or larger than their teacher; the last student is the "
                    "published encoder.")
-flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --publish_as (default $ZOO_HOME or ~/.ssl_zoo).")
+flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --init_from / --publish_as "
+                    "(default $ZOO_HOME or ~/.ssl_zoo).")
 
 # Flags a zoo card can fill in, and the run.json key each one comes from.
 _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_split", "backbone": "backbone",
@@ -84,6 +86,22 @@ _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_s
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class UsageError(ValueError):
+    """A flag, name, dataset or zoo entry the user can fix: the CLI prints it without a traceback."""
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """Turns what setting a run up refuses (bad flags, unknown names, missing data) into UsageError."""
+    from recipes.data import DatasetChecksumError, DatasetNotFoundError
+    from zoo.errors import ZooError
+
+    try:
+        yield
+    except (ValueError, DatasetNotFoundError, DatasetChecksumError, ZooError) as error:
+        raise UsageError(str(error)) from error
 
 
 def _top_level_items(text: str):
@@ -369,17 +387,25 @@ def train(argv=None) -> dict:
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
     from recipes.checkpointing import resume
-    from recipes.semi.cli import LABEL_RECIPES, check_student_encoder
+    from recipes.semi.cli import LABEL_RECIPES, check_label_flags, check_student_encoder
     from zoo import backbones
 
-    hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
-    hparams.update(parse_hparams(FLAGS.hparams))
-    recipe_cls = get_recipe_class(FLAGS.recipe)
-    if FLAGS.backbone not in backbones.BACKBONES:
-        raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. Valid backbones: {', '.join(backbones.BACKBONES)}.")
-    if not FLAGS.model_dir:
-        raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
-    check_student_encoder(FLAGS.recipe, FLAGS.student_width is not None)  # before loading any data
+    with usage_errors():  # everything here is checked before any data is read
+        hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
+        hparams.update(parse_hparams(FLAGS.hparams))
+        recipe_cls = get_recipe_class(FLAGS.recipe)
+        if FLAGS.backbone not in backbones.BACKBONES:
+            raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. "
+                             f"Valid backbones: {', '.join(backbones.BACKBONES)}.")
+        if not FLAGS.model_dir:
+            raise ValueError("--model_dir is required (checkpoints, logs and the encoder go there).")
+        check_student_encoder(FLAGS.recipe, FLAGS.student_width is not None)
+        if FLAGS.recipe in LABEL_RECIPES:
+            check_label_flags(FLAGS.labels_per_class, FLAGS.label_fraction)
+        if FLAGS.init_from:
+            import zoo
+
+            zoo.info(FLAGS.init_from, store=FLAGS.zoo_store)  # an unknown name or version fails here
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()
@@ -387,14 +413,16 @@ def train(argv=None) -> dict:
     model_dir = FLAGS.model_dir if chief else os.path.join(FLAGS.model_dir, f"worker_{distribute.task_index()}")
     os.makedirs(model_dir, exist_ok=True)
 
-    train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir)
-    test_images, test_labels = data.load_arrays(FLAGS.dataset, FLAGS.test_split, FLAGS.data_dir)
+    with usage_errors():
+        train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir)
+        test_images, test_labels = data.load_arrays(FLAGS.dataset, FLAGS.test_split, FLAGS.data_dir)
+        if FLAGS.batch_size % strategy.num_replicas_in_sync:
+            raise ValueError(f"--batch_size={FLAGS.batch_size} must be divisible by "
+                             f"{strategy.num_replicas_in_sync} replicas.")
+        full_steps = len(train_images) // FLAGS.batch_size
+        if full_steps == 0:
+            raise ValueError(f"--batch_size={FLAGS.batch_size} exceeds the {len(train_images)} training images.")
     num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
-    if FLAGS.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"--batch_size={FLAGS.batch_size} must be divisible by {strategy.num_replicas_in_sync} replicas.")
-    full_steps = len(train_images) // FLAGS.batch_size
-    if full_steps == 0:
-        raise ValueError(f"--batch_size={FLAGS.batch_size} exceeds the {len(train_images)} training images.")
     steps = min(full_steps, FLAGS.steps_per_epoch or full_steps)
     total_steps = steps * FLAGS.epochs
 
@@ -416,11 +444,12 @@ def train(argv=None) -> dict:
         return train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_dir, hparams,
                                   FLAGS.steps_per_epoch, (train_images, train_labels), (test_images, test_labels))
     with strategy.scope():
-        encoder = new_encoder()
-        recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
-        recipe.compile(optimizer=make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
-                                                FLAGS.warmup_epochs * steps, parse_hparams(FLAGS.optimizer_args)),
-                       jit_compile=FLAGS.jit_compile)
+        with usage_errors():  # hyperparameters the recipe or the optimizer refuses
+            encoder = new_encoder()
+            recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps, len(train_images))
+            optimizer = make_optimizer(FLAGS.optimizer, FLAGS.lr, FLAGS.weight_decay, total_steps,
+                                       FLAGS.warmup_epochs * steps, parse_hparams(FLAGS.optimizer_args))
+        recipe.compile(optimizer=optimizer, jit_compile=FLAGS.jit_compile)
         checkpoint, initial_epoch = resume(recipe, os.path.join(model_dir, "checkpoints"))
 
     run_info = {**run_facts(strategy, train_images), "recipe_config": recipe.get_config(),
@@ -482,6 +511,9 @@ def main(argv):
     del argv
     try:
         train()
+    except UsageError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(2)
     except TrainingDiverged as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(3)

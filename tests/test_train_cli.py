@@ -37,8 +37,9 @@ def data_dir(tmp_path_factory):
                                           ("--dataset=nope", "fashion_mnist")])
 def test_unknown_names_list_the_valid_ones(flag, listed, data_dir, tmp_path):
     result = _train([*SMALL, f"--model_dir={tmp_path}", "--epochs=1", flag], _env(data_dir))
-    assert result.returncode != 0
+    assert result.returncode == 2  # a usage error: one line, no traceback
     assert "nope" in result.stderr and listed in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _load_weights(path):
@@ -249,9 +250,16 @@ def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_pa
     assert "no_such_dataset" not in refused.stderr
 
 
-def test_label_recipe_without_a_labelled_split_says_which_flag(data_dir, tmp_path):
-    result = _train(["--recipe=finetune", "--dataset=synthetic_shapes", f"--model_dir={tmp_path}"], _env(data_dir))
-    assert result.returncode != 0 and "--labels_per_class" in result.stderr
+@pytest.mark.parametrize("flags, says", [([], "--labels_per_class=N or --label_fraction=F"),
+                                         (["--labels_per_class=5", "--label_fraction=0.1"], "not both"),
+                                         (["--labels_per_class=5", "--init_from=no_such_encoder"],
+                                          "No model named 'no_such_encoder'")])
+def test_label_recipe_flags_are_refused_before_any_data_is_read(flags, says, data_dir, tmp_path):
+    # The dataset does not exist: each mistake must be reported before it would be noticed.
+    result = _train(["--recipe=finetune", "--dataset=no_such_dataset", f"--model_dir={tmp_path}",
+                     f"--zoo_store={tmp_path / 'zoo'}", *flags], _env(data_dir))
+    assert result.returncode == 2 and says in result.stderr, result.stderr[-2000:]
+    assert "no_such_dataset" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_finetune_init_from_a_published_encoder(data_dir, tmp_path):

@@ -18,9 +18,16 @@ from recipes.evaluate import classification_report
 LABEL_RECIPES = ("finetune", "fixmatch", "pseudo_label", "noisy_student")
 
 
-def labelled_split(train_labels, labels_per_class=None, label_fraction=None, seed=0):
+def check_label_flags(labels_per_class=None, label_fraction=None):
+    """The labelled split needs one of the two flags; refused early, before any data is read."""
     if labels_per_class is None and label_fraction is None:
         raise ValueError("Recipes that learn from labels need --labels_per_class=N or --label_fraction=F.")
+    if labels_per_class is not None and label_fraction is not None:
+        raise ValueError("Give one of --labels_per_class and --label_fraction, not both.")
+
+
+def labelled_split(train_labels, labels_per_class=None, label_fraction=None, seed=0):
+    check_label_flags(labels_per_class, label_fraction)
     return data.split_labelled(train_labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
 
 
