@@ -220,16 +220,22 @@ def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps, extra_args
         raise ValueError(f"--optimizer_args {sorted(extra_args)} do not fit {name}: {error}") from None
 
 
-def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
-    """Instantiates a recipe, passing run facts only to recipes that ask for them."""
+def check_hparam_names(recipe_cls, hparams):
+    """Refuses hyperparameters the recipe's constructor does not take, listing the ones it does."""
     accepted = inspect.signature(recipe_cls.__init__).parameters
-    extra = {k: v for k, v in {"total_steps": total_steps, "dataset_size": num_examples}.items()
-             if k in accepted and k not in hparams}
     unknown = [k for k in hparams if k not in accepted]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values() if p.name != "kwargs"):
         valid = [p for p in accepted if p not in ("self", "encoder", "kwargs")]
         raise ValueError(f"Unknown hyperparameters {unknown} for recipe {recipe_cls.recipe_name!r}. "
                          f"Valid: {', '.join(valid)}.")
+
+
+def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
+    """Instantiates a recipe, passing run facts only to recipes that ask for them."""
+    check_hparam_names(recipe_cls, hparams)
+    accepted = inspect.signature(recipe_cls.__init__).parameters
+    extra = {k: v for k, v in {"total_steps": total_steps, "dataset_size": num_examples}.items()
+             if k in accepted and k not in hparams}
     return recipe_cls(encoder, seed=seed, **extra, **hparams)
 
 
@@ -394,6 +400,8 @@ def train(argv=None) -> dict:
         hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
         hparams.update(parse_hparams(FLAGS.hparams))
         recipe_cls = get_recipe_class(FLAGS.recipe)
+        if FLAGS.recipe not in LABEL_RECIPES:  # (theirs go to their training functions)
+            check_hparam_names(recipe_cls, hparams)
         if FLAGS.backbone not in backbones.BACKBONES:
             raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. "
                              f"Valid backbones: {', '.join(backbones.BACKBONES)}.")

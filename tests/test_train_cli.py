@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flag, listed", [("--recipe=nope", "moco"), ("--backbone=nope", "resnet18_small"),
-                                          ("--dataset=nope", "fashion_mnist")])
+                                          ("--dataset=nope", "fashion_mnist"), ("--hparams=nope=1", "queue_size")])
 def test_unknown_names_list_the_valid_ones(flag, listed, data_dir, tmp_path):
     result = _train([*SMALL, f"--model_dir={tmp_path}", "--epochs=1", flag], _env(data_dir))
     assert result.returncode == 2  # a usage error: one line, no traceback
