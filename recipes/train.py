@@ -414,6 +414,10 @@ def train(argv=None) -> dict:
             import zoo
 
             zoo.info(FLAGS.init_from, store=FLAGS.zoo_store)  # an unknown name or version fails here
+        if FLAGS.publish_as:
+            from zoo.index import validate_name
+
+            validate_name(FLAGS.publish_as)  # not after hours of training
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()

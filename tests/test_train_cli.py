@@ -253,8 +253,9 @@ def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_pa
 @pytest.mark.parametrize("flags, says", [([], "--labels_per_class=N or --label_fraction=F"),
                                          (["--labels_per_class=5", "--label_fraction=0.1"], "not both"),
                                          (["--labels_per_class=5", "--init_from=no_such_encoder"],
-                                          "No model named 'no_such_encoder'")])
-def test_label_recipe_flags_are_refused_before_any_data_is_read(flags, says, data_dir, tmp_path):
+                                          "No model named 'no_such_encoder'"),
+                                         (["--labels_per_class=5", "--publish_as=My Model"], "Invalid model name")])
+def test_command_mistakes_are_refused_before_any_data_is_read(flags, says, data_dir, tmp_path):
     # The dataset does not exist: each mistake must be reported before it would be noticed.
     result = _train(["--recipe=finetune", "--dataset=no_such_dataset", f"--model_dir={tmp_path}",
                      f"--zoo_store={tmp_path / 'zoo'}", *flags], _env(data_dir))
