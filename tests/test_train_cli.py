@@ -263,6 +263,17 @@ def test_command_mistakes_are_refused_before_any_data_is_read(flags, says, data_
     assert "no_such_dataset" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_missing_dataset_says_how_to_install_it(tmp_path):
+    # The CLI's own main with the Debian source dir pointed somewhere empty (as on a machine without the package).
+    program = ("import pathlib, sys; from absl import app; from recipes import data, train; "
+               "data.FASHION_MNIST_SOURCE_DIR = pathlib.Path(sys.argv.pop(1)); app.run(train.main)")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "absent"), "--dataset=fashion_mnist",
+                             f"--model_dir={tmp_path / 'run'}"], cwd=ROOT, env=_env(tmp_path / "tfds"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "apt-get install dataset-fashion-mnist" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_finetune_init_from_a_published_encoder(data_dir, tmp_path):
     import zoo
     from zoo import backbones
