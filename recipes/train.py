@@ -220,14 +220,39 @@ def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps, extra_args
         raise ValueError(f"--optimizer_args {sorted(extra_args)} do not fit {name}: {error}") from None
 
 
-def check_hparam_names(recipe_cls, hparams):
-    """Refuses hyperparameters the recipe's constructor does not take, listing the ones it does."""
-    accepted = inspect.signature(recipe_cls.__init__).parameters
+def hparam_names(recipe_cls):
+    """Keyword arguments the recipe's constructor takes, following `**kwargs` up to `Recipe`.
+
+    None when some constructor collects keywords under another name (anything goes).
+    """
+    from recipes.base import Recipe
+
+    names = set()
+    for cls in recipe_cls.__mro__:
+        if "__init__" not in cls.__dict__:
+            continue
+        parameters = inspect.signature(cls.__dict__["__init__"]).parameters.values()
+        if any(p.kind == p.VAR_KEYWORD and p.name != "kwargs" for p in parameters):
+            return None
+        names.update(p.name for p in parameters if p.kind != p.VAR_KEYWORD)
+        if cls is Recipe or not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break  # what Recipe passes on is keras.Model's (name, dtype, ...), not a hyperparameter
+    return names - {"self", "encoder", "num_classes", "seed"}  # set by the CLI (--seed, the dataset)
+
+
+def check_hparam_names(recipe_cls, hparams, extra_names=()):
+    """Refuses hyperparameters the recipe does not take, listing the ones it does.
+
+    `extra_names`: keywords taken by whatever runs the recipe (the label recipes' run functions).
+    """
+    accepted = hparam_names(recipe_cls)
+    if accepted is None:
+        return
+    accepted |= set(extra_names)
     unknown = [k for k in hparams if k not in accepted]
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values() if p.name != "kwargs"):
-        valid = [p for p in accepted if p not in ("self", "encoder", "kwargs")]
+    if unknown:
         raise ValueError(f"Unknown hyperparameters {unknown} for recipe {recipe_cls.recipe_name!r}. "
-                         f"Valid: {', '.join(valid)}.")
+                         f"Valid: {', '.join(sorted(accepted))}.")
 
 
 def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
@@ -393,15 +418,14 @@ def train(argv=None) -> dict:
     from recipes import data, distribute, evaluate
     from recipes.base import get_recipe_class
     from recipes.checkpointing import resume
-    from recipes.semi.cli import LABEL_RECIPES, check_label_flags, check_student_encoder
+    from recipes.semi.cli import LABEL_RECIPES, check_label_flags, check_student_encoder, label_run_hparam_names
     from zoo import backbones
 
     with usage_errors():  # everything here is checked before any data is read
         hparams = flags_from_zoo_entry(FLAGS.zoo_entry, FLAGS.zoo_store) if FLAGS.zoo_entry else {}
         hparams.update(parse_hparams(FLAGS.hparams))
         recipe_cls = get_recipe_class(FLAGS.recipe)
-        if FLAGS.recipe not in LABEL_RECIPES:  # (theirs go to their training functions)
-            check_hparam_names(recipe_cls, hparams)
+        check_hparam_names(recipe_cls, hparams, label_run_hparam_names(FLAGS.recipe))
         if FLAGS.backbone not in backbones.BACKBONES:
             raise ValueError(f"Unknown backbone {FLAGS.backbone!r}. "
                              f"Valid backbones: {', '.join(backbones.BACKBONES)}.")

@@ -26,6 +26,33 @@ def check_label_flags(labels_per_class=None, label_fraction=None):
         raise ValueError("Give one of --labels_per_class and --label_fraction, not both.")
 
 
+# What train_with_labels passes its run functions itself; the rest of their keywords are settable by --hparams.
+_SET_HERE = {"encoder", "encoder_fn", "student_encoder_fn", "num_classes", "images", "labels", "labelled",
+             "unlabelled_images", "test", "epochs", "steps", "log_every", "batch_size", "heldout_unlabelled_labels",
+             "strategy", "seed", "verbose", "checkpoint_dir", "teacher", "optimizer", "optimizer_fn"}
+
+
+def label_run_hparam_names(recipe):
+    """Keywords the recipe's run function takes besides the model's own (empty for other recipes).
+
+    With the model's constructor arguments these are what --hparams may set, checked before any
+    data is read.
+    """
+    import inspect
+
+    from recipes.semi.finetune import run_finetune
+    from recipes.semi.fixmatch import run_fixmatch
+    from recipes.semi.noisy_student import run_noisy_student
+    from recipes.semi.pseudo_label import run_pseudo_label
+
+    run = {"finetune": run_finetune, "fixmatch": run_fixmatch, "pseudo_label": run_pseudo_label,
+           "noisy_student": run_noisy_student}.get(recipe)
+    if run is None:
+        return set()
+    parameters = inspect.signature(run).parameters.values()
+    return {p.name for p in parameters if p.kind == p.KEYWORD_ONLY} - _SET_HERE
+
+
 def labelled_split(train_labels, labels_per_class=None, label_fraction=None, seed=0):
     check_label_flags(labels_per_class, label_fraction)
     return data.split_labelled(train_labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
