@@ -45,8 +45,11 @@ flags.DEFINE_string("out_dir", "benchmarks/results", "Where JSON, markdown and p
 flags.DEFINE_bool("pictures", True, "Draw the t-SNE map and retrieval grid (--nopictures to re-score a run "
                   "whose pictures exist: t-SNE is the slow part).")
 
+flags.DEFINE_string("throughput", "benchmarks/results/throughput_fmnist.json",
+                    "Throughputs (throughput.py --settings=fmnist) that set the budget and the table's img/s; "
+                    "another file when the recipe's settings changed after that one was measured.")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THROUGHPUT = "benchmarks/results/throughput_fmnist.json"
 
 
 def width_suffix():
@@ -54,11 +57,14 @@ def width_suffix():
     return "" if FLAGS.width == fmnist_settings.WIDTH else f"_w{FLAGS.width:g}"
 
 
+def measured_throughput():
+    """{recipe: train images/sec} from --throughput (default strategy)."""
+    with open(os.path.join(ROOT, FLAGS.throughput)) as f:
+        return quality_table.images_per_sec(json.load(f))
+
+
 def budget_epochs(recipe):
-    with open(THROUGHPUT) as f:
-        measured = {r["recipe"]: r["images_per_sec"] for r in json.load(f)["results"]
-                    if r.get("strategy") == "default" and "images_per_sec" in r}
-    return fmnist_settings.budget_epochs(recipe, measured)
+    return fmnist_settings.budget_epochs(recipe, measured_throughput())
 
 
 def train_recipe(run_dir):
@@ -247,6 +253,8 @@ def main(argv):
     result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": FLAGS.width, "run": run, "rows": rows,
               "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
               "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
+              "throughput": {"file": FLAGS.throughput, "images_per_sec": measured_throughput().get(FLAGS.recipe),
+                             "budget_epochs": budget_epochs(FLAGS.recipe)},
               "benchmark_wall_time_s": round(time.time() - started, 1),
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
     with open(prefix + ".json", "w") as f:

@@ -3,7 +3,7 @@
     python benchmarks/quality_table.py
 
 Reads benchmarks/results/quality_<recipe>.json (written by benchmarks/quality.py) and
-throughput_fmnist.json, and writes benchmarks/results/quality_table.md: per recipe the
+throughput_fmnist.json (or the throughput file a run names), and writes benchmarks/results/quality_table.md: per recipe the
 epochs it got within MoCo's time budget, kNN (k=200, T=0.1) on the encoder's features
 and on the recipe's embedding (projection-head output, InstDisc's protocol), linear-probe
 accuracy on the test split, the kNN gain over the random-init encoder, train-step images/sec,
@@ -24,6 +24,12 @@ def embedding_accuracy(row) -> str:
     return f"{row['knn_embedding']['accuracy']:.4f}" if "knn_embedding" in row else ""
 
 
+def images_per_sec(throughput_json) -> dict:
+    """{recipe: train images/sec} from a throughput.py JSON (default strategy)."""
+    return {r["recipe"]: r["images_per_sec"] for r in throughput_json["results"]
+            if r.get("strategy") == "default" and "images_per_sec" in r}
+
+
 def load(name):
     path = os.path.join(RESULTS, name)
     if not os.path.exists(path):
@@ -33,8 +39,7 @@ def load(name):
 
 
 def main():
-    throughput = {r["recipe"]: r["images_per_sec"] for r in load("throughput_fmnist.json")["results"]
-                  if r.get("strategy") == "default" and "images_per_sec" in r}
+    throughput = images_per_sec(load("throughput_fmnist.json"))
     runs = {recipe: load(f"quality_{recipe}.json") for recipe in fmnist_settings.HPARAMS}
     finished = [run for run in runs.values() if run]
     if not finished:
@@ -61,9 +66,10 @@ def main():
             continue
         row = next(v for k, v in run["rows"].items() if k.startswith(f"{recipe} ("))
         knn = row["knn"]["accuracy"]
+        # A run whose settings were timed in another file (quality.py --throughput) reports that timing.
+        speed = run.get("throughput", {}).get("images_per_sec") or throughput.get(recipe, "")
         lines.append(f"| **{recipe}** | {run['run']['epochs']} | {knn:.4f} | {(knn - random_knn) * 100:+.1f} | "
-                     f"{embedding_accuracy(row)} | {row['linear_probe']['accuracy']:.4f} | "
-                     f"{throughput.get(recipe, '')} |")
+                     f"{embedding_accuracy(row)} | {row['linear_probe']['accuracy']:.4f} | {speed} |")
         commands.append(f"- {recipe}: `{run['run'].get('command', '')}`, then `{run['command']}`")
     text = "\n".join(lines + ["", "Commands:", *commands]) + "\n"
     with open(os.path.join(RESULTS, "quality_table.md"), "w") as f:
