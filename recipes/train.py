@@ -174,8 +174,12 @@ def flags_from_zoo_entry(ref: str, store=None) -> dict:
     for flag, key in _CARD_FLAGS.items():
         if not FLAGS[flag].present and spec.get(key) is not None:
             FLAGS[flag].value = spec[key]
+    if not (FLAGS["labels_per_class"].present or FLAGS["label_fraction"].present):  # the card's labelled split
+        for flag in ("labels_per_class", "label_fraction"):
+            FLAGS[flag].value = spec.get(flag)
     print(f"Retraining {spec['recipe']} from zoo entry {ref} on {FLAGS.dataset}.")
-    return {k: v for k, v in spec["recipe_config"].items() if k != "seed"}
+    # Not hyperparameters: --seed sets the seed, the data the class count and the labelled images' count.
+    return {k: v for k, v in spec["recipe_config"].items() if k not in ("seed", "num_classes", "label_count")}
 
 
 def worker_batches(global_batches, context, global_batch_size):

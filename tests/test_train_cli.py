@@ -172,6 +172,21 @@ def test_publish_as_then_retrain_from_the_card_publishes_version_2(data_dir, tmp
     assert run_b["retrained_from"] == "tiny_moco" and run_b["steps_per_epoch"] == 2
 
 
+def test_a_label_recipe_retrains_from_its_card_with_the_same_labelled_split(data_dir, tmp_path):
+    env = _env(data_dir, ZOO_HOME=str(tmp_path / "zoo"))
+    common = ["--epochs=1", "--verbose=0", "--knn_every=0", "--probe_epochs=0", "--publish_as=tiny_finetune"]
+    first = _train(["--recipe=finetune", "--dataset=synthetic_shapes", "--width=0.125", "--batch_size=16",
+                    "--labels_per_class=4", "--hparams=dropout=0.1", f"--model_dir={tmp_path / 'a'}", *common], env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _train(["--zoo_entry=tiny_finetune", f"--model_dir={tmp_path / 'b'}", *common], env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Published tiny_finetune:2" in second.stdout
+    run_a = json.loads((tmp_path / "a" / "run.json").read_text())
+    run_b = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run_b["recipe_config"] == run_a["recipe_config"] and run_b["recipe_config"]["dropout"] == 0.1
+    assert run_b["labels_per_class"] == 4 and run_b["label_fraction"] is None
+
+
 def test_cpc_trains_a_layer_norm_encoder_by_default(data_dir, tmp_path):
     args = [*SMALL[:-1], "--recipe=cpc", "--batch_size=8", "--epochs=1", "--steps_per_epoch=1",
             "--hparams=prediction_steps=1,context_dim=8", f"--model_dir={tmp_path}"]
