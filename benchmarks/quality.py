@@ -250,11 +250,12 @@ def main(argv):
     prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}{width_suffix()}")
     if FLAGS.pictures:
         save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
+    measured = measured_throughput()
     result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": FLAGS.width, "run": run, "rows": rows,
               "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
               "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
-              "throughput": {"file": FLAGS.throughput, "images_per_sec": measured_throughput().get(FLAGS.recipe),
-                             "budget_epochs": budget_epochs(FLAGS.recipe)},
+              "throughput": {"file": FLAGS.throughput, "images_per_sec": measured.get(FLAGS.recipe),
+                             "budget_epochs": fmnist_settings.budget_epochs(FLAGS.recipe, measured)},
               "benchmark_wall_time_s": round(time.time() - started, 1),
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
     with open(prefix + ".json", "w") as f:

@@ -3,11 +3,12 @@
     python benchmarks/quality_table.py
 
 Reads benchmarks/results/quality_<recipe>.json (written by benchmarks/quality.py) and
-throughput_fmnist.json (or the throughput file a run names), and writes benchmarks/results/quality_table.md: per recipe the
-epochs it got within MoCo's time budget, kNN (k=200, T=0.1) on the encoder's features
-and on the recipe's embedding (projection-head output, InstDisc's protocol), linear-probe
-accuracy on the test split, the kNN gain over the random-init encoder, train-step images/sec,
-and the command that produced the row. Recipes not run yet are listed as such.
+throughput_fmnist.json (or the throughput file a run names), and writes
+benchmarks/results/quality_table.md: per recipe the epochs it got within MoCo's time budget,
+kNN (k=200, T=0.1) on the encoder's features and on the recipe's embedding (projection-head
+output, InstDisc's protocol), linear-probe accuracy on the test split, the kNN gain over the
+random-init encoder, train-step images/sec, and the command that produced the row. Recipes not
+run yet are listed as such.
 """
 
 import json

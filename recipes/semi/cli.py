@@ -26,9 +26,9 @@ def check_label_flags(labels_per_class=None, label_fraction=None):
         raise ValueError("Give one of --labels_per_class and --label_fraction, not both.")
 
 
-# What train_with_labels passes its run functions itself; the rest of their keywords are settable by --hparams.
-_SET_HERE = {"encoder", "encoder_fn", "student_encoder_fn", "num_classes", "images", "labels", "labelled",
-             "unlabelled_images", "test", "epochs", "steps", "log_every", "batch_size", "heldout_unlabelled_labels",
+# Keyword-only arguments of the run functions that train_with_labels sets itself or that take objects
+# (--hparams gives JSON values); the others (FixMatch's test_every) are settable by --hparams.
+_SET_HERE = {"student_encoder_fn", "epochs", "steps", "log_every", "batch_size", "heldout_unlabelled_labels",
              "strategy", "seed", "verbose", "checkpoint_dir", "teacher", "optimizer", "optimizer_fn"}
 
 
