@@ -54,6 +54,44 @@ def test_one_vs_two_replicas_equal_loss_gradients_and_ema(monkeypatch):
     compare_one_vs_two_replicas(_make_fixmatch(), _batch(), state_fn=_ema_parameters)
 
 
+def test_one_vs_two_replicas_with_distribution_alignment(monkeypatch):
+    """The running mean prediction is over the global batch, so both runs hold the same history."""
+    monkeypatch.setattr(distributed_utils, "distribute_batch", _distribute_rows_per_tensor)
+    compare_one_vs_two_replicas(_make_fixmatch(distribution_alignment=True, alignment_window=2), _batch(),
+                                state_fn=lambda r: _ema_parameters(r) + [r.prediction_history.value])
+
+
+def test_distribution_alignment_keeps_the_last_window_of_batch_means():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    recipe = build_recipe(strategy, _make_fixmatch(distribution_alignment=True, alignment_window=2))
+    uniform = np.full((2, NUM_CLASSES), 1 / NUM_CLASSES, np.float32)
+    np.testing.assert_allclose(recipe.prediction_history.numpy(), uniform)
+    rows = []
+    for step in range(3):
+        train_step(strategy, recipe, _batch(seed=step))
+        rows.append(recipe.prediction_history.numpy().copy())
+    np.testing.assert_allclose(rows[0].sum(axis=1), [1, 1], rtol=1e-5)  # mean predictions are distributions
+    assert not np.allclose(rows[0][0], uniform[0]) and np.allclose(rows[0][1], uniform[1])  # slot 0 first
+    np.testing.assert_array_equal(rows[1][0], rows[0][0])
+    assert not np.allclose(rows[1][1], uniform[1])                                       # then slot 1
+    np.testing.assert_array_equal(rows[2][1], rows[1][1])
+    assert not np.allclose(rows[2][0], rows[1][0])                                       # then slot 0 again
+
+
+def test_alignment_changes_the_loss_and_needs_a_positive_window():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    batch = {k: tf.constant(v) for k, v in _batch().items()}
+    plain = build_recipe(strategy, _make_fixmatch())
+    aligned = build_recipe(strategy, _make_fixmatch(distribution_alignment=True, alignment_window=1))
+    for source, target in ((plain.encoder, aligned.encoder), (plain.classifier, aligned.classifier)):
+        target.set_weights(source.get_weights())
+    plain_loss, _, _ = plain.loss_and_gradients(batch)
+    aligned_loss, _, _ = aligned.loss_and_gradients(batch)
+    assert float(plain_loss) != pytest.approx(float(aligned_loss), rel=1e-4)
+    with pytest.raises(ValueError, match="alignment_window"):
+        FixMatch(small_encoder(), NUM_CLASSES, distribution_alignment=True, alignment_window=0)
+
+
 def _ema_parameters(recipe):
     """EMA copies of the trainable weights.
 

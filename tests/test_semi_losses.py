@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from recipes.semi.losses import (confidence_mask, fixmatch_unlabelled_loss, select_pseudo_labels,
-                                 soft_cross_entropy)
+from recipes.semi.losses import (align_distribution, confidence_mask, fixmatch_unlabelled_loss,
+                                 select_pseudo_labels, soft_cross_entropy)
 
 # Six unlabelled examples, three classes; confidences 0.96, 0.50, 0.95, 0.60, 0.90, 0.40.
 PROBS = np.array([
@@ -73,6 +73,40 @@ def test_soft_cross_entropy_matches_numpy():
     targets = rng.dirichlet(np.ones(4), size=5).astype(np.float32)
     expected = -(targets * _log_softmax(logits.astype(np.float64))).sum(axis=1)
     np.testing.assert_allclose(soft_cross_entropy(targets, logits).numpy(), expected, rtol=1e-5)
+
+
+def test_align_distribution_by_hand():
+    # A model that predicts class 0 half the time and classes 1, 2 a quarter each:
+    # toward uniform, class 0's probabilities are halved relative to the others.
+    aligned = align_distribution([[0.5, 0.25, 0.25], [0.6, 0.3, 0.1]], [0.5, 0.25, 0.25]).numpy()
+    np.testing.assert_allclose(aligned[0], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(aligned[1], np.array([0.6 / 2, 0.3, 0.1]) / 0.7, rtol=1e-6)
+    # An explicit target: p(y) = (0.5, 0.25, 0.25) on a model predicting uniformly.
+    aligned = align_distribution([[1 / 3, 1 / 3, 1 / 3]], [1 / 3, 1 / 3, 1 / 3], target=[0.5, 0.25, 0.25])
+    np.testing.assert_allclose(aligned.numpy()[0], [0.5, 0.25, 0.25], rtol=1e-6)
+
+
+def test_fixmatch_unlabelled_loss_with_alignment_matches_numpy():
+    rng = np.random.RandomState(2)
+    weak = (rng.randn(8, 4) * 3).astype(np.float32)
+    strong = rng.randn(8, 4).astype(np.float32)
+    prediction_mean = np.array([0.55, 0.05, 0.2, 0.2])
+    tau = 0.7
+
+    q = np.exp(_log_softmax(weak.astype(np.float64))) * (0.25 / prediction_mean)
+    q /= q.sum(axis=1, keepdims=True)
+    mask = (q.max(axis=1) >= tau).astype(np.float64)
+    pseudo = q.argmax(axis=1)
+    expected = -_log_softmax(strong.astype(np.float64))[np.arange(8), pseudo] * mask
+    unaligned_pseudo = weak.argmax(axis=1)
+    assert (pseudo != unaligned_pseudo).any(), "the example should move some pseudo-labels"
+    assert 0 < mask.sum() < 8
+
+    losses, mask_t, pseudo_t = fixmatch_unlabelled_loss(tf.constant(weak), tf.constant(strong), tau,
+                                                        tf.constant(prediction_mean, tf.float32))
+    np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mask_t.numpy(), mask)
+    np.testing.assert_array_equal(pseudo_t.numpy(), pseudo)
 
 
 def test_fixmatch_unlabelled_loss_matches_numpy_and_stops_gradient():

@@ -21,6 +21,14 @@ as one batch, so BN sees all three. Here the concatenation is done per group of
 per-device BN as on the paper's multi-GPU runs); the computation is then the same on
 1 device with `bn_splits=N` as on N replicas.
 
+Distribution alignment (optional, `distribution_alignment=True`; not in FixMatch,
+from ReMixMatch, Berthelot et al. 2020, sec. 3.2): before the threshold, each weak
+prediction is multiplied by uniform / (the model's mean prediction over the last
+`alignment_window` = 128 global batches of unlabelled images) and renormalized. A
+model that rarely predicts a class (on Fashion-MNIST with 100 labels: shirts) then
+gets confident pseudo-labels for it again, where plain FixMatch keeps the classes
+its early model merged merged.
+
 Training schedule of the paper (set by the caller, see `paper_optimizer`): SGD with
 Nesterov momentum 0.9, learning rate 0.03 decayed as cos(7 pi k / 16 K), weight
 decay 5e-4 as an L2 term on the kernels (`recipes.optimizers.SGDL2`), B = 64, mu = 7.
@@ -59,12 +67,16 @@ class FixMatch(Recipe):
       translate: weak view's largest translation, fraction of the side (0.125).
       strong_policy: dict of `StrongPolicy` (default N=2, random magnitude, Cutout 0.5).
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
+      distribution_alignment: align weak predictions to the uniform class
+        distribution before thresholding (ReMixMatch's; off in FixMatch).
+      alignment_window: batches in the running mean prediction (128, ReMixMatch's).
       label_count: labelled examples behind this model, for the model card.
       seed: augmentation seed.
     """
 
     def __init__(self, encoder, num_classes, threshold=0.95, lambda_u=1.0, mu=7, ema_decay=0.999,
-                 translate=0.125, strong_policy=None, bn_splits=None, label_count=None, seed=0, **kwargs):
+                 translate=0.125, strong_policy=None, bn_splits=None, distribution_alignment=False,
+                 alignment_window=128, label_count=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.num_classes = int(num_classes)
         self.threshold = float(threshold)
@@ -75,6 +87,15 @@ class FixMatch(Recipe):
         self.strong_policy = StrongPolicy.from_config(strong_policy or {})
         self.bn_splits = None if bn_splits is None else int(bn_splits)
         self.label_count = label_count
+        self.distribution_alignment = bool(distribution_alignment)
+        self.alignment_window = int(alignment_window)
+        if self.alignment_window < 1:
+            raise ValueError(f"alignment_window must be >= 1 batch, got {alignment_window}.")
+        if self.distribution_alignment:
+            # One mean prediction per recent global batch, uniform until real ones replace them.
+            self.prediction_history = self.add_weight(
+                shape=(self.alignment_window, self.num_classes), trainable=False, name="prediction_history",
+                initializer=keras.initializers.Constant(1.0 / self.num_classes))
 
         feature_dim = encoder.output_shape[-1]
         self.classifier = keras.layers.Dense(self.num_classes, name="classifier")
@@ -98,7 +119,8 @@ class FixMatch(Recipe):
         return {**super().get_config(), "num_classes": self.num_classes, "threshold": self.threshold,
                 "lambda_u": self.lambda_u, "mu": self.mu, "ema_decay": self.ema_decay,
                 "translate": self.translate, "strong_policy": self.strong_policy.to_config(),
-                "bn_splits": self.bn_splits, "label_count": self.label_count}
+                "bn_splits": self.bn_splits, "distribution_alignment": self.distribution_alignment,
+                "alignment_window": self.alignment_window, "label_count": self.label_count}
 
     @property
     def metrics(self):
@@ -152,7 +174,12 @@ class FixMatch(Recipe):
         logits_l, logits_w, logits_s = self._joint_logits([weak_labelled, weak, strong])
 
         supervised = sparse_cross_entropy(labels, logits_l)
-        unsupervised, mask, pseudo_labels = fixmatch_unlabelled_loss(logits_w, logits_s, self.threshold)
+        prediction_mean, state = None, {}
+        if self.distribution_alignment:
+            history = self._prediction_history_with(logits_w)
+            prediction_mean, state = tf.reduce_mean(history, axis=0), {"prediction_history": history}
+        unsupervised, mask, pseudo_labels = fixmatch_unlabelled_loss(logits_w, logits_s, self.threshold,
+                                                                     prediction_mean)
         supervised_loss = tf.reduce_sum(supervised) / batch
         unsupervised_loss = tf.reduce_sum(unsupervised) / unlabelled_batch
         # Trackers average over replicas, so they get each replica's share times N.
@@ -163,11 +190,27 @@ class FixMatch(Recipe):
         if "unlabelled_label" in data:  # monitoring only: true labels never enter the loss
             correct = tf.cast(tf.equal(pseudo_labels, tf.cast(data["unlabelled_label"], tf.int32)), tf.float32)
             self.pseudo_accuracy_tracker.update_state(correct, sample_weight=mask)
-        return supervised_loss + self.lambda_u * unsupervised_loss, {}
+        return supervised_loss + self.lambda_u * unsupervised_loss, state
+
+    def _prediction_history_with(self, weak_logits):
+        """The history with this global batch's mean weak prediction in its ring slot.
+
+        The mean is over the global batch (gathered from every replica), so all
+        replicas hold the same history and align with the same mean.
+        """
+        probabilities = tf.nn.softmax(tf.stop_gradient(weak_logits), axis=-1)
+        batch_mean = tf.reduce_mean(distribute.all_gather(probabilities), axis=0)
+        slot = tf.cast(self.optimizer.iterations % self.alignment_window, tf.int32)
+        return tf.tensor_scatter_nd_update(self.prediction_history.value, [[slot]],
+                                           batch_mean[None, :])
 
     def after_update(self, data, state):
-        """EMA of all float weights, BN statistics included (as the reference TF code does)."""
+        """EMA of all float weights, BN statistics included (as the reference TF code does);
+        the prediction history of distribution alignment."""
         targets, values = [], []
+        if "prediction_history" in state:
+            targets.append(self.prediction_history)
+            values.append(state["prediction_history"])
         for online, ema in ((self.encoder, self.ema_encoder), (self.classifier, self.ema_classifier)):
             for w_online, w_ema in zip(online.weights, ema.weights):
                 if w_ema.dtype.startswith("float"):

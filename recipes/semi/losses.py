@@ -16,6 +16,11 @@ Two selection rules live here:
   keeps at most K most confident images per class and duplicates images of classes
   that have fewer than K, so the student does not inherit the teacher's class
   imbalance.
+
+And one correction of the pseudo-label distribution, `align_distribution`
+(distribution alignment, Berthelot et al. 2020, ReMixMatch sec. 3.2), FixMatch's
+optional remedy for a model that under-predicts some classes and keeps doing so
+through its own confident labels.
 """
 
 from __future__ import annotations
@@ -55,16 +60,46 @@ def confidence_mask(probabilities, threshold):
     return pseudo_labels, mask
 
 
-def fixmatch_unlabelled_loss(weak_logits, strong_logits, threshold):
+def align_distribution(probabilities, prediction_mean, target=None):
+    """Distribution alignment: q~ = normalize(q * p(y) / p~(y)), row by row.
+
+    p~(y) is the model's mean prediction on unlabelled data (ReMixMatch: over the
+    last 128 batches) and p(y) the labelled data's class distribution (`target`;
+    None = uniform, as for class-balanced labels). Classes the model predicts less
+    often than p(y) says get their probabilities scaled up before the argmax and
+    the threshold, and over-predicted classes scaled down.
+
+    Args:
+      probabilities: [B, K] class probabilities.
+      prediction_mean: [K] running mean of the model's unlabelled predictions.
+      target: [K] class distribution to align to, or None for uniform.
+
+    Returns:
+      [B, K] aligned probabilities (rows sum to 1).
+    """
+    probabilities = tf.convert_to_tensor(probabilities)
+    prediction_mean = tf.cast(prediction_mean, probabilities.dtype)
+    ratio = (1.0 if target is None else tf.cast(target, probabilities.dtype)) / prediction_mean
+    aligned = probabilities * ratio
+    return aligned / tf.reduce_sum(aligned, axis=-1, keepdims=True)
+
+
+def fixmatch_unlabelled_loss(weak_logits, strong_logits, threshold, prediction_mean=None):
     """FixMatch's unsupervised term per example (Sohn et al. 2020, eq. 4), before 1/(mu B).
 
         l_b = 1(max q_b >= tau) * H(argmax q_b, softmax(strong_logits_b)),
         q_b = softmax(weak_logits_b), with no gradient through q_b.
 
+    With `prediction_mean` (the model's running mean prediction on unlabelled
+    images), q_b is first aligned to the uniform class distribution
+    (`align_distribution`).
+
     Returns:
       (per-example losses [U], mask [U], pseudo-labels [U]).
     """
     weak_probabilities = tf.nn.softmax(tf.stop_gradient(weak_logits), axis=-1)
+    if prediction_mean is not None:
+        weak_probabilities = align_distribution(weak_probabilities, tf.stop_gradient(prediction_mean))
     pseudo_labels, mask = confidence_mask(weak_probabilities, threshold)
     losses = sparse_cross_entropy(pseudo_labels, strong_logits) * tf.cast(mask, strong_logits.dtype)
     return losses, mask, pseudo_labels
