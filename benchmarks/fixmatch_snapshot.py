@@ -26,6 +26,8 @@ flags.DEFINE_string("init_from", None, "The run's --init_from (zoo name), to reb
 flags.DEFINE_string("backbone", "resnet18_small", "The run's --backbone, when it had no --init_from.")
 flags.DEFINE_float("width", 0.25, "The run's --width, when it had no --init_from.")
 flags.DEFINE_string("dataset", "fashion_mnist", "The run's dataset (its test split is scored).")
+flags.DEFINE_bool("distribution_alignment", False, "The run's distribution_alignment hyperparameter "
+                  "(its checkpoint then holds the prediction history).")
 flags.DEFINE_list("thresholds", ["0.95", "0.99"], "Confidence thresholds to report.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
 flags.mark_flag_as_required("model_dir")
@@ -69,7 +71,7 @@ def main(argv):
     num_classes = int(test_y.max()) + 1
     encoder = (zoo.load(FLAGS.init_from) if FLAGS.init_from
                else backbones.build(FLAGS.backbone, test_x.shape[1:], width=FLAGS.width))
-    model = FixMatch(encoder, num_classes)
+    model = FixMatch(encoder, num_classes, distribution_alignment=FLAGS.distribution_alignment)
     model.compile(optimizer=paper_optimizer(1))  # the schedule is irrelevant: only variables are restored
     with tempfile.TemporaryDirectory() as copy:  # a running job may rotate its checkpoints meanwhile
         shutil.copytree(checkpoints, copy, dirs_exist_ok=True)

@@ -200,7 +200,8 @@ def test_cpc_trains_a_layer_norm_encoder_by_default(data_dir, tmp_path):
     assert any("_ln/" in name for name in names) and not any("_bn/" in name for name in names)
 
 
-@pytest.mark.parametrize("recipe, hparams", [("finetune", ""), ("fixmatch", "mu=2"), ("pseudo_label", "rounds=1"),
+@pytest.mark.parametrize("recipe, hparams", [("finetune", ""), ("fixmatch", "mu=2,distribution_alignment=true"),
+                                             ("pseudo_label", "rounds=1"),
                                              ("noisy_student", "rounds=1,student_steps_scale=1.5")])
 def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams, data_dir, tmp_path):
     import zoo
@@ -216,6 +217,8 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     assert card["recipe"] == recipe and card["recipe_config"]["label_count"] == 5 * 8
     if recipe != "finetune":
         assert card["recipe_config"]["threshold"] == (0.3 if recipe == "noisy_student" else 0.95)
+    if recipe == "fixmatch":
+        assert card["recipe_config"]["distribution_alignment"] is True
     if recipe in ("pseudo_label", "noisy_student"):
         assert card["recipe_config"]["rounds"] == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -234,7 +237,8 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     assert any((tmp_path / "checkpoints").iterdir())  # what was trained is kept (resume: test_semi_resume.py)
     if recipe == "fixmatch":  # the snapshot benchmark restores the run's EMA model from its checkpoint
         snapshot = subprocess.run([sys.executable, "benchmarks/fixmatch_snapshot.py", f"--model_dir={tmp_path}",
-                                   "--dataset=synthetic_shapes", "--width=0.125", f"--out_dir={tmp_path / 'out'}"],
+                                   "--dataset=synthetic_shapes", "--width=0.125", "--distribution_alignment",
+                                   f"--out_dir={tmp_path / 'out'}"],
                                   cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=300)
         assert snapshot.returncode == 0, snapshot.stderr[-2000:]
         result = json.loads((tmp_path / "out" / f"fixmatch_snapshot_{tmp_path.name}.json").read_text())
