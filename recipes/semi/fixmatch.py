@@ -24,10 +24,10 @@ per-device BN as on the paper's multi-GPU runs); the computation is then the sam
 Distribution alignment (optional, `distribution_alignment=True`; not in FixMatch,
 from ReMixMatch, Berthelot et al. 2020, sec. 3.2): before the threshold, each weak
 prediction is multiplied by uniform / (the model's mean prediction over the last
-`alignment_window` = 128 global batches of unlabelled images) and renormalized. A
-model that rarely predicts a class (on Fashion-MNIST with 100 labels: shirts) then
-gets confident pseudo-labels for it again, where plain FixMatch keeps the classes
-its early model merged merged.
+`alignment_window` = 128 global batches of unlabelled images) and renormalized, so
+a class the model rarely predicts (on Fashion-MNIST with 100 labels: shirts) can get
+confident pseudo-labels again. Measured there, it has not changed FixMatch's test
+accuracy in the first 3,000 steps (README).
 
 Training schedule of the paper (set by the caller, see `paper_optimizer`): SGD with
 Nesterov momentum 0.9, learning rate 0.03 decayed as cos(7 pi k / 16 K), weight
