@@ -3,6 +3,10 @@
     python benchmarks/fixmatch_snapshot.py --model_dir=runs/label_efficiency/fixmatch_ssl100_10k \
         --init_from=simclr_resnet18_fmnist_28ep
 
+A run started since launch.json exists (recipes.launch) says itself how to rebuild its
+model (encoder, dataset, FixMatch hyperparameters): then --model_dir is all it takes, and
+the flags below that describe the run are used only for older run directories.
+
 FixMatch trains on its own confident predictions, so a class that the early model
 confuses with another can stay confused: the wrong label is confident, hence kept, hence
 learnt. This restores the latest checkpoint of a FixMatch run (training or stopped; it
@@ -27,11 +31,29 @@ flags.DEFINE_string("backbone", "resnet18_small", "The run's --backbone, when it
 flags.DEFINE_float("width", 0.25, "The run's --width, when it had no --init_from.")
 flags.DEFINE_string("dataset", "fashion_mnist", "The run's dataset (its test split is scored).")
 flags.DEFINE_bool("distribution_alignment", False, "The run's distribution_alignment hyperparameter "
-                  "(its checkpoint then holds the prediction history).")
+                  "(its checkpoint then holds the prediction history), when it has no launch.json.")
 flags.DEFINE_list("thresholds", ["0.95", "0.99"], "Confidence thresholds to report.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON goes.")
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
+
+
+def run_settings() -> dict:
+    """How to rebuild the run's model: its launch.json, else the flags (older run directories)."""
+    import inspect
+
+    from recipes import launch
+    from recipes.semi.fixmatch import FixMatch
+
+    recorded = launch.read(FLAGS.model_dir)
+    if recorded is None:
+        return {"init_from": FLAGS.init_from, "backbone": FLAGS.backbone, "width": FLAGS.width,
+                "backbone_norm": "batch", "dataset": FLAGS.dataset, "model_hparams": {"distribution_alignment": FLAGS.distribution_alignment}}
+    if recorded["recipe"] != "fixmatch":
+        raise SystemExit(f"{FLAGS.model_dir} is a {recorded['recipe']} run, not a FixMatch one.")
+    accepted = inspect.signature(FixMatch.__init__).parameters
+    return {**{key: recorded[key] for key in ("init_from", "backbone", "width", "backbone_norm", "dataset")},
+            "model_hparams": {k: v for k, v in recorded["hparams"].items() if k in accepted}}
 
 
 def accuracy_with_clean_bn_statistics(model, data, dataset, test, images=4096, seed=0):
@@ -67,11 +89,12 @@ def main(argv):
     checkpoints = os.path.join(FLAGS.model_dir, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise SystemExit(f"No checkpoints/ in {FLAGS.model_dir}: is it a FixMatch run directory?")
-    test_x, test_y = data.load_arrays(FLAGS.dataset, "test")
+    run = run_settings()
+    test_x, test_y = data.load_arrays(run["dataset"], "test")
     num_classes = int(test_y.max()) + 1
-    encoder = (zoo.load(FLAGS.init_from) if FLAGS.init_from
-               else backbones.build(FLAGS.backbone, test_x.shape[1:], width=FLAGS.width))
-    model = FixMatch(encoder, num_classes, distribution_alignment=FLAGS.distribution_alignment)
+    encoder = (zoo.load(run["init_from"]) if run["init_from"]
+               else backbones.build(run["backbone"], test_x.shape[1:], width=run["width"], norm=run["backbone_norm"]))
+    model = FixMatch(encoder, num_classes, **run["model_hparams"])
     model.compile(optimizer=paper_optimizer(1))  # the schedule is irrelevant: only variables are restored
     with tempfile.TemporaryDirectory() as copy:  # a running job may rotate its checkpoints meanwhile
         shutil.copytree(checkpoints, copy, dirs_exist_ok=True)
@@ -88,7 +111,7 @@ def main(argv):
     result = {"model_dir": FLAGS.model_dir, "epochs_done": epochs,
               "optimizer_steps": int(model.optimizer.iterations.numpy()), "model": "EMA", "split": "test",
               **report, "confident": confident,
-              "accuracy_bn_from_clean_images": accuracy_with_clean_bn_statistics(model, data, FLAGS.dataset,
+              "accuracy_bn_from_clean_images": accuracy_with_clean_bn_statistics(model, data, run["dataset"],
                                                                                   (test_x, test_y))}
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     name = os.path.basename(os.path.normpath(FLAGS.model_dir))

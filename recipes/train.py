@@ -3,6 +3,8 @@
 What a run leaves in --model_dir:
   checkpoints/   one per epoch (model, optimizer, epoch): rerunning the same command
                  after an interruption (even kill -9) resumes from the last one;
+  launch.json    the settings that define the run, written at its start: a rerun with
+                 other ones is refused rather than resumed (recipes.launch);
   logs/          TensorBoard scalars;
   encoder.keras  the pretrained encoder (what the zoo publishes by default);
   embedding.keras  the encoder with the recipe's projection head (recipes that have one);
@@ -72,6 +74,8 @@ flags.DEFINE_string("init_from", None, "Start from this published zoo encoder (N
 flags.DEFINE_float("student_width", None, "noisy_student: width multiplier of every student (default --width). "
                    "The paper's students are equal or larger than their teacher; the last student is the "
                    "published encoder.")
+flags.DEFINE_bool("allow_changed_flags", False, "Resume a --model_dir whose run was started with other settings "
+                  "(refused by default: it would mix two runs); the change is recorded in its launch.json.")
 flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --init_from / --publish_as "
                     "(default $ZOO_HOME or ~/.ssl_zoo).")
 
@@ -82,6 +86,18 @@ _CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_s
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
                "optimizer_args": "optimizer_args", "warmup_epochs": "warmup_epochs", "seed": "seed",
                "student_width": "student_width"}
+
+
+def run_definition(hparams: dict) -> dict:
+    """The settings that define what a run trains (recipes.launch): a rerun resumes only if they match."""
+    return {"recipe": FLAGS.recipe, "dataset": FLAGS.dataset, "train_split": FLAGS.train_split,
+            "backbone": FLAGS.backbone, "width": FLAGS.width, "backbone_norm": backbone_norm(),
+            "init_from": FLAGS.init_from, "epochs": FLAGS.epochs, "steps_per_epoch": FLAGS.steps_per_epoch,
+            "batch_size": FLAGS.batch_size, "seed": FLAGS.seed, "optimizer": FLAGS.optimizer,
+            "optimizer_args": parse_hparams(FLAGS.optimizer_args), "lr": FLAGS.lr,
+            "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "hparams": hparams,
+            "labels_per_class": FLAGS.labels_per_class, "label_fraction": FLAGS.label_fraction,
+            "student_width": FLAGS.student_width}
 
 
 class TrainingDiverged(RuntimeError):
@@ -419,7 +435,7 @@ def train(argv=None) -> dict:
     import tensorflow as tf
 
     import recipes  # noqa: F401  (registers every recipe)
-    from recipes import data, distribute, evaluate
+    from recipes import data, distribute, evaluate, launch
     from recipes.base import get_recipe_class
     from recipes.checkpointing import resume
     from recipes.semi.cli import LABEL_RECIPES, check_label_flags, check_student_encoder, label_run_hparam_names
@@ -454,6 +470,7 @@ def train(argv=None) -> dict:
     os.makedirs(model_dir, exist_ok=True)
 
     with usage_errors():
+        launch.check_or_record(model_dir, run_definition(hparams), allow_changes=FLAGS.allow_changed_flags)
         train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir)
         test_images, test_labels = data.load_arrays(FLAGS.dataset, FLAGS.test_split, FLAGS.data_dir)
         if FLAGS.batch_size % strategy.num_replicas_in_sync:

@@ -88,6 +88,19 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(data_dir,
     assert 0.0 <= metrics["knn_embedding"]["accuracy"] <= 1.0
 
 
+def test_a_rerun_with_other_settings_is_refused_not_spliced(data_dir, tmp_path):
+    env = _env(data_dir)
+    args = [*SMALL, "--epochs=1", f"--model_dir={tmp_path}"]
+    assert _train(args, env).returncode == 0
+    encoder = (tmp_path / "encoder.keras").read_bytes()
+    refused = _train([*args[:-2], "--epochs=2", "--lr=0.1", f"--model_dir={tmp_path}"], env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "epochs: 1 then, 2 now" in refused.stderr and "lr: 0.06 then, 0.1 now" in refused.stderr
+    assert (tmp_path / "encoder.keras").read_bytes() == encoder  # nothing retrained or overwritten
+    # Not part of the definition: evaluation and logging flags.
+    assert _train([*args, "--probe_epochs=1"], env).returncode == 0
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     env = _env(data_dir)
     assert _train([*SMALL, "--epochs=1", f"--model_dir={tmp_path}"], env).returncode == 0
@@ -235,9 +248,9 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
         assert protocol["unlabelled_ratio"] == (3.0 if recipe == "noisy_student" else None)
     assert (tmp_path / "encoder.keras").exists()
     assert any((tmp_path / "checkpoints").iterdir())  # what was trained is kept (resume: test_semi_resume.py)
-    if recipe == "fixmatch":  # the snapshot benchmark restores the run's EMA model from its checkpoint
+    if recipe == "fixmatch":  # the snapshot benchmark restores the run's EMA model from its checkpoint,
+        # rebuilt from the run's launch.json alone (dataset, width, alignment's prediction history).
         snapshot = subprocess.run([sys.executable, "benchmarks/fixmatch_snapshot.py", f"--model_dir={tmp_path}",
-                                   "--dataset=synthetic_shapes", "--width=0.125", "--distribution_alignment",
                                    f"--out_dir={tmp_path / 'out'}"],
                                   cwd=ROOT, env=_env(data_dir), capture_output=True, text=True, timeout=300)
         assert snapshot.returncode == 0, snapshot.stderr[-2000:]
