@@ -92,6 +92,35 @@ def test_alignment_changes_the_loss_and_needs_a_positive_window():
         FixMatch(small_encoder(), NUM_CLASSES, distribution_alignment=True, alignment_window=0)
 
 
+def test_alignment_target_is_the_labelled_class_distribution():
+    keras.utils.set_random_seed(0)
+    (images, labels), (unlabelled, _) = _shapes(12, seed=1), _shapes(24, seed=2)
+    labels = np.array([0] * 6 + [1] * 4 + [2] * 2)  # imbalanced labelled set: p(y) = (1/2, 1/3, 1/6)
+    model, _ = run_fixmatch(small_encoder(), 3, (images, labels), unlabelled, steps=1, batch_size=4, mu=2,
+                            distribution_alignment=True)
+    np.testing.assert_allclose(model.alignment_target, [1 / 2, 1 / 3, 1 / 6])
+    assert model.get_config()["alignment_target"] == model.alignment_target  # the card records it
+    given, _ = run_fixmatch(small_encoder(), 3, (images, labels), unlabelled, steps=1, batch_size=4, mu=2,
+                            distribution_alignment=True, alignment_target=[1, 1, 2])
+    np.testing.assert_allclose(given.alignment_target, [1 / 4, 1 / 4, 1 / 2])  # a given target wins
+    plain, _ = run_fixmatch(small_encoder(), 3, (images, labels), unlabelled, steps=1, batch_size=4, mu=2)
+    assert plain.alignment_target is None
+
+
+def test_the_alignment_target_enters_the_loss():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    batch = {k: tf.constant(v) for k, v in _batch().items()}
+    uniform = build_recipe(strategy, _make_fixmatch(distribution_alignment=True))
+    skewed = build_recipe(strategy, _make_fixmatch(distribution_alignment=True, alignment_target=[8, 1, 1]))
+    for source, target in ((uniform.encoder, skewed.encoder), (uniform.classifier, skewed.classifier)):
+        target.set_weights(source.get_weights())
+    uniform_loss, _, _ = uniform.loss_and_gradients(batch)
+    skewed_loss, _, _ = skewed.loss_and_gradients(batch)
+    assert float(uniform_loss) != pytest.approx(float(skewed_loss), rel=1e-4)
+    with pytest.raises(ValueError, match="3 non-negative weights"):
+        FixMatch(small_encoder(), NUM_CLASSES, distribution_alignment=True, alignment_target=[1, 1])
+
+
 def _ema_parameters(recipe):
     """EMA copies of the trainable weights.
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from recipes.semi.losses import (align_distribution, confidence_mask, fixmatch_unlabelled_loss,
-                                 select_pseudo_labels, soft_cross_entropy)
+from recipes.semi.losses import (align_distribution, class_distribution, confidence_mask,
+                                 fixmatch_unlabelled_loss, select_pseudo_labels, soft_cross_entropy)
 
 # Six unlabelled examples, three classes; confidences 0.96, 0.50, 0.95, 0.60, 0.90, 0.40.
 PROBS = np.array([
@@ -107,6 +107,35 @@ def test_fixmatch_unlabelled_loss_with_alignment_matches_numpy():
     np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(mask_t.numpy(), mask)
     np.testing.assert_array_equal(pseudo_t.numpy(), pseudo)
+
+
+def test_fixmatch_unlabelled_loss_aligns_to_the_labelled_distribution():
+    rng = np.random.RandomState(3)
+    weak = (rng.randn(16, 4) * 3).astype(np.float32)
+    strong = rng.randn(16, 4).astype(np.float32)
+    prediction_mean = np.array([0.25, 0.25, 0.25, 0.25])
+    target = np.array([0.7, 0.1, 0.1, 0.1])  # an imbalanced labelled set: class 0 is most of it
+    tau = 0.8
+
+    q = np.exp(_log_softmax(weak.astype(np.float64))) * (target / prediction_mean)
+    q /= q.sum(axis=1, keepdims=True)
+    mask = (q.max(axis=1) >= tau).astype(np.float64)
+    pseudo = q.argmax(axis=1)
+    expected = -_log_softmax(strong.astype(np.float64))[np.arange(16), pseudo] * mask
+    assert (pseudo != weak.argmax(axis=1)).any() and 0 < mask.sum() < 16
+
+    losses, mask_t, pseudo_t = fixmatch_unlabelled_loss(tf.constant(weak), tf.constant(strong), tau,
+                                                        tf.constant(prediction_mean, tf.float32), target=target)
+    np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mask_t.numpy(), mask)
+    np.testing.assert_array_equal(pseudo_t.numpy(), pseudo)
+
+
+def test_class_distribution_normalizes_counts_and_refuses_non_distributions():
+    assert class_distribution([30, 10, 0, 60], 4) == [0.3, 0.1, 0.0, 0.6]
+    for bad in ([1, 2, 3], [1, -1, 1, 1], [0, 0, 0, 0], [1, np.nan, 1, 1]):
+        with pytest.raises(ValueError, match="4 non-negative weights"):
+            class_distribution(bad, 4)
 
 
 def test_fixmatch_unlabelled_loss_matches_numpy_and_stops_gradient():

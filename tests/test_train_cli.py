@@ -232,6 +232,7 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
         assert card["recipe_config"]["threshold"] == (0.3 if recipe == "noisy_student" else 0.95)
     if recipe == "fixmatch":
         assert card["recipe_config"]["distribution_alignment"] is True
+        assert card["recipe_config"]["alignment_target"] == [1 / 8] * 8  # 5 labels in each of the 8 classes
     if recipe in ("pseudo_label", "noisy_student"):
         assert card["recipe_config"]["rounds"] == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -23,10 +23,11 @@ per-device BN as on the paper's multi-GPU runs); the computation is then the sam
 
 Distribution alignment (optional, `distribution_alignment=True`; not in FixMatch,
 from ReMixMatch, Berthelot et al. 2020, sec. 3.2): before the threshold, each weak
-prediction is multiplied by uniform / (the model's mean prediction over the last
-`alignment_window` = 128 global batches of unlabelled images) and renormalized, so
-a class the model rarely predicts (on Fashion-MNIST with 100 labels: shirts) can get
-confident pseudo-labels again. Measured there, it has not changed FixMatch's test
+prediction is multiplied by p(y) / (the model's mean prediction over the last
+`alignment_window` = 128 global batches of unlabelled images) and renormalized, where
+p(y) is the labelled images' class distribution (`run_fixmatch` measures it; uniform
+for --labels_per_class), so a class the model rarely predicts (on Fashion-MNIST with
+100 labels: shirts) can get confident pseudo-labels again. Measured there, it has not changed FixMatch's test
 accuracy in the first 3,000 steps (README).
 
 Training schedule of the paper (set by the caller, see `paper_optimizer`): SGD with
@@ -48,7 +49,7 @@ from recipes import distribute
 from recipes.base import Recipe, register
 from recipes.checkpointing import SaveEveryEpoch, resume
 from recipes.optimizers import SGDL2
-from recipes.semi.losses import fixmatch_unlabelled_loss, sparse_cross_entropy
+from recipes.semi.losses import class_distribution, fixmatch_unlabelled_loss, sparse_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
 
@@ -67,16 +68,18 @@ class FixMatch(Recipe):
       translate: weak view's largest translation, fraction of the side (0.125).
       strong_policy: dict of `StrongPolicy` (default N=2, random magnitude, Cutout 0.5).
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
-      distribution_alignment: align weak predictions to the uniform class
-        distribution before thresholding (ReMixMatch's; off in FixMatch).
+      distribution_alignment: align weak predictions to `alignment_target` before
+        thresholding (ReMixMatch's; off in FixMatch).
       alignment_window: batches in the running mean prediction (128, ReMixMatch's).
+      alignment_target: the class distribution p(y) to align to (num_classes
+        non-negative weights, normalized here); None = uniform.
       label_count: labelled examples behind this model, for the model card.
       seed: augmentation seed.
     """
 
     def __init__(self, encoder, num_classes, threshold=0.95, lambda_u=1.0, mu=7, ema_decay=0.999,
                  translate=0.125, strong_policy=None, bn_splits=None, distribution_alignment=False,
-                 alignment_window=128, label_count=None, seed=0, **kwargs):
+                 alignment_window=128, alignment_target=None, label_count=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.num_classes = int(num_classes)
         self.threshold = float(threshold)
@@ -91,6 +94,8 @@ class FixMatch(Recipe):
         self.alignment_window = int(alignment_window)
         if self.alignment_window < 1:
             raise ValueError(f"alignment_window must be >= 1 batch, got {alignment_window}.")
+        self.alignment_target = None if alignment_target is None else \
+            class_distribution(alignment_target, self.num_classes)
         if self.distribution_alignment:
             # One mean prediction per recent global batch, uniform until real ones replace them.
             self.prediction_history = self.add_weight(
@@ -120,7 +125,8 @@ class FixMatch(Recipe):
                 "lambda_u": self.lambda_u, "mu": self.mu, "ema_decay": self.ema_decay,
                 "translate": self.translate, "strong_policy": self.strong_policy.to_config(),
                 "bn_splits": self.bn_splits, "distribution_alignment": self.distribution_alignment,
-                "alignment_window": self.alignment_window, "label_count": self.label_count}
+                "alignment_window": self.alignment_window, "alignment_target": self.alignment_target,
+                "label_count": self.label_count}
 
     @property
     def metrics(self):
@@ -179,7 +185,7 @@ class FixMatch(Recipe):
             history = self._prediction_history_with(logits_w)
             prediction_mean, state = tf.reduce_mean(history, axis=0), {"prediction_history": history}
         unsupervised, mask, pseudo_labels = fixmatch_unlabelled_loss(logits_w, logits_s, self.threshold,
-                                                                     prediction_mean)
+                                                                     prediction_mean, self.alignment_target)
         supervised_loss = tf.reduce_sum(supervised) / batch
         unsupervised_loss = tf.reduce_sum(unsupervised) / unlabelled_batch
         # Trackers average over replicas, so they get each replica's share times N.
@@ -317,6 +323,9 @@ def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *
     if steps % log_every:
         raise ValueError(f"log_every={log_every} must divide steps={steps}.")
     strategy = strategy or tf.distribute.get_strategy()
+    if hyperparameters.get("distribution_alignment") and hyperparameters.get("alignment_target") is None:
+        # ReMixMatch's p(y): the labelled images' class distribution (uniform for --labels_per_class).
+        hyperparameters["alignment_target"] = np.bincount(np.asarray(labelled[1], np.int64), minlength=num_classes)
     with strategy.scope():
         model = FixMatch(encoder, num_classes, seed=seed,
                          label_count=hyperparameters.pop("label_count", int(len(labelled[1]))), **hyperparameters)

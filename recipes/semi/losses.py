@@ -84,22 +84,33 @@ def align_distribution(probabilities, prediction_mean, target=None):
     return aligned / tf.reduce_sum(aligned, axis=-1, keepdims=True)
 
 
-def fixmatch_unlabelled_loss(weak_logits, strong_logits, threshold, prediction_mean=None):
+def class_distribution(weights, num_classes) -> list:
+    """`weights` (e.g. labelled images per class) normalized to sum to 1: the p(y) that
+    `align_distribution` aligns to. Refuses what is not a distribution over the classes."""
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != (num_classes,) or not np.isfinite(weights).all() or (weights < 0).any() \
+            or weights.sum() <= 0:
+        raise ValueError(f"A class distribution needs {num_classes} non-negative weights with a positive sum, "
+                         f"got {np.asarray(weights).tolist()}.")
+    return (weights / weights.sum()).tolist()
+
+
+def fixmatch_unlabelled_loss(weak_logits, strong_logits, threshold, prediction_mean=None, target=None):
     """FixMatch's unsupervised term per example (Sohn et al. 2020, eq. 4), before 1/(mu B).
 
         l_b = 1(max q_b >= tau) * H(argmax q_b, softmax(strong_logits_b)),
         q_b = softmax(weak_logits_b), with no gradient through q_b.
 
     With `prediction_mean` (the model's running mean prediction on unlabelled
-    images), q_b is first aligned to the uniform class distribution
-    (`align_distribution`).
+    images), q_b is first aligned to `target`, the labelled class distribution
+    (None: uniform; `align_distribution`).
 
     Returns:
       (per-example losses [U], mask [U], pseudo-labels [U]).
     """
     weak_probabilities = tf.nn.softmax(tf.stop_gradient(weak_logits), axis=-1)
     if prediction_mean is not None:
-        weak_probabilities = align_distribution(weak_probabilities, tf.stop_gradient(prediction_mean))
+        weak_probabilities = align_distribution(weak_probabilities, tf.stop_gradient(prediction_mean), target)
     pseudo_labels, mask = confidence_mask(weak_probabilities, threshold)
     losses = sparse_cross_entropy(pseudo_labels, strong_logits) * tf.cast(mask, strong_logits.dtype)
     return losses, mask, pseudo_labels
