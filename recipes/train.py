@@ -8,6 +8,7 @@ What a run leaves in --model_dir:
   logs/          TensorBoard scalars;
   encoder.keras  the pretrained encoder (what the zoo publishes by default);
   embedding.keras  the encoder with the recipe's projection head (recipes that have one);
+  classifier.keras  label recipes: images -> class probabilities (published with the encoder);
   run.json       recipe, its config, backbone, data, schedule, strategy, timing;
   metrics.json   kNN (encoder features and, where the recipe has one, its embedding) and
                  linear probe on the test split, each with its protocol.
@@ -382,8 +383,9 @@ def embedding_model(encoder, head):
     return keras.Model(encoder.inputs, head(encoder.outputs[0]), name=f"{encoder.name}_embedding")
 
 
-def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=None):
-    """encoder.keras (+ embedding.keras), run.json, metrics.json on the chief (then --publish_as)."""
+def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=None, classifier=None):
+    """encoder.keras (+ embedding.keras or classifier.keras), run.json, metrics.json on the chief
+    (then --publish_as)."""
     if not chief:  # keep only this worker's final encoder, to check workers agree
         shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
         encoder.save(os.path.join(model_dir, "encoder.keras"))
@@ -391,6 +393,8 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=N
     encoder.save(os.path.join(model_dir, "encoder.keras"))
     if embedding_head is not None:
         embedding_model(encoder, embedding_head).save(os.path.join(model_dir, "embedding.keras"))
+    if classifier is not None:
+        classifier.save(os.path.join(model_dir, "classifier.keras"))
     from recipes.checkpointing import write_json
 
     for name, content in (("run.json", run_info), ("metrics.json", metrics)):
@@ -405,7 +409,7 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=N
 def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_dir, hparams, steps, train,
                        test) -> dict:
     """finetune / fixmatch / pseudo_label / noisy_student; checkpoints/ makes them resumable (see semi.cli)."""
-    from recipes import evaluate
+    from recipes import data, evaluate
     from recipes.semi.cli import train_with_labels
 
     started = time.time()
@@ -422,8 +426,9 @@ def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_d
                                              protocol=protocol))
     run_info = {**run_facts(strategy, train[0]), "recipe_config": model.get_config(),
                 "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps,
-                "wall_time_s": round(wall, 2), "images_per_sec": None}
-    write_outputs(chief, model_dir, encoder, run_info, metrics)
+                "wall_time_s": round(wall, 2), "images_per_sec": None,
+                "class_names": list(data.info(FLAGS.dataset).class_names)}
+    write_outputs(chief, model_dir, encoder, run_info, metrics, classifier=model.exported_classifier)
     print(f"{FLAGS.recipe}: test accuracy {metrics['classifier']['accuracy']:.4f} "
           f"({metrics['classifier']['protocol']['labelled']} labels); encoder kNN {metrics['knn']['accuracy']:.4f}")
     return {"run": run_info, "metrics": metrics}

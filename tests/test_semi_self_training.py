@@ -91,6 +91,8 @@ def test_pseudo_label_rounds_report_coverage_and_accuracies():
         assert 0.0 <= row["coverage"] <= 1.0 and row["num_pseudo_labelled"] == round(row["coverage"] * 60)
         assert {"test_accuracy", "pseudo_label_accuracy", "teacher_unlabelled_accuracy"} <= set(row)
     assert isinstance(model, PseudoLabel) and model.exported_encoder is model.encoder
+    np.testing.assert_allclose(model.exported_classifier(test[0].astype("float32")), model.predict_proba(test[0]),
+                               rtol=1e-5, atol=1e-6)  # the published classifier is the last student
 
 
 def test_students_train_student_steps_scale_times_the_teachers_steps():
@@ -193,3 +195,6 @@ def test_noisy_student_beats_its_teacher():
     assert student_row["pseudo_label_accuracy"] > student_row["teacher_unlabelled_accuracy"]
     assert student_row["test_accuracy"] >= teacher_row["test_accuracy"] + 0.05, metrics
     assert isinstance(student, NoisyStudent)
+    # Published: the student in inference mode (its dropout off), as evaluated.
+    np.testing.assert_allclose(student.exported_classifier(test[0][:50].astype("float32")),
+                               student.predict_proba(test[0][:50]), rtol=1e-5, atol=1e-6)

@@ -228,6 +228,11 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
     # The published card says how the classifier behind the encoder was trained.
     card = zoo.info(f"{recipe}_shapes", store=str(store))
     assert card["recipe"] == recipe and card["recipe_config"]["label_count"] == 5 * 8
+    # The classifier is published beside the encoder (TF Serving's Classify: test_zoo_api.py).
+    assert len(card["class_names"]) == 8 and "classifier.keras" in card["files"]
+    classifier = zoo.load_classifier(f"{recipe}_shapes", store=str(store))
+    probabilities = np.asarray(classifier(np.zeros((2, *card["input_shape"]), "float32")))
+    np.testing.assert_allclose(probabilities.sum(axis=1), [1, 1], rtol=1e-5)
     if recipe != "finetune":
         assert card["recipe_config"]["threshold"] == (0.3 if recipe == "noisy_student" else 0.95)
     if recipe == "fixmatch":

@@ -195,3 +195,76 @@ def test_publish_the_embedding_head_serves_what_knn_embedding_measured(run_dir, 
     assert zoo.info("with_head", store=store)["embedding"] == "head"
     zoo.publish(run_dir, name="plain", store=store)
     assert zoo.info("plain", store=store)["embedding"] == "encoder"
+
+
+def _classifier_run_dir(run_dir, path):
+    """A label recipe's run directory: run_dir's encoder plus classifier.keras and the class names."""
+    import shutil
+
+    from recipes.semi.finetune import classifier_model
+
+    shutil.copytree(run_dir, path)
+    encoder = keras.saving.load_model(path / "encoder.keras")
+    head = keras.layers.Dense(3, name="head")
+    classifier_model(encoder, head).save(path / "classifier.keras")
+    run = json.loads((path / "run.json").read_text())
+    (path / "run.json").write_text(json.dumps({**run, "recipe": "finetune", "class_names": ["a", "b", "c"]}))
+    return path
+
+
+def test_a_published_classifier_answers_tf_serving_classify(run_dir, tmp_path):
+    """Official stubs: Classify on tf.Examples of encoded images returns the classifier's probabilities."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    import base64
+
+    from serving.server import ModelServer
+    from serving.testing import http_call
+    from zoo import export
+
+    store = str(tmp_path / "store")
+    ref = zoo.publish(str(_classifier_run_dir(run_dir, tmp_path / "run")), name="tiny_classifier", store=store)
+    card = zoo.info(ref, store=store)
+    assert card["class_names"] == ["a", "b", "c"] and export.CLASSIFIER_FILENAME in card["files"]
+    classifier = zoo.load_classifier("tiny_classifier", store=store)
+    images = np.random.default_rng(3).integers(0, 256, (2, *SHAPE)).astype("uint8")
+    expected = np.asarray(classifier(images.astype("float32")))
+
+    server = ModelServer(model_name="tiny_classifier", model_base_path=zoo.serving_base_path(ref, store=store),
+                         file_system_poll_wait_seconds=0)
+    server.start()
+    pngs = [tf.io.encode_png(image).numpy() for image in images]
+    try:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            examples = [{"features": {"feature": {"image/encoded": {"bytes_list": {"value": [png]}}}}}
+                        for png in pngs]
+            answer = stub.Classify(classification_pb2.ClassificationRequest(
+                model_spec={"name": "tiny_classifier", "signature_name": "classify"},
+                input={"example_list": {"examples": examples}}), timeout=60)
+        # The README's REST call: the same examples as JSON, image bytes as {"b64": ...}.
+        status, body = http_call(f"{server.rest_url}/v1/models/tiny_classifier:classify", "POST", {
+            "signature_name": "classify",
+            "examples": [{"image/encoded": {"b64": base64.b64encode(png).decode()}} for png in pngs]})
+    finally:
+        server.stop()
+    rows = answer.result.classifications
+    assert [[c.label for c in row.classes] for row in rows] == [["a", "b", "c"]] * 2
+    np.testing.assert_allclose([[c.score for c in row.classes] for row in rows], expected, rtol=1e-5, atol=1e-6)
+    assert status == 200, body
+    assert [[label for label, _ in row] for row in body["result"]] == [["a", "b", "c"]] * 2
+    np.testing.assert_allclose([[score for _, score in row] for row in body["result"]], expected, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_load_classifier_explains_an_encoder_without_one(run_dir, tmp_path):
+    store = str(tmp_path / "store")
+    zoo.publish(str(run_dir), name="simclr_tiny", store=store)
+    with pytest.raises(zoo.ArtifactError, match="without a classifier"):
+        zoo.load_classifier("simclr_tiny", store=store)
+    with pytest.raises(ValueError, match="one probability per class name"):
+        zoo.publish(encoder=keras.saving.load_model(run_dir / "encoder.keras"), name="bad", store=store,
+                    classifier=keras.saving.load_model(_classifier_run_dir(run_dir, tmp_path / "run")
+                                                       / "classifier.keras"), class_names=["a", "b"])

@@ -33,7 +33,8 @@ from zoo.index import parse_ref, validate_label, validate_name
 from zoo.store import check_files, open_store, read_verified, serving_base_path  # noqa: F401
 
 __all__ = [
-    "load", "list_models", "info", "publish", "embed", "remove", "verify", "set_label", "serving_base_path",
+    "load", "load_classifier", "list_models", "info", "publish", "embed", "remove", "verify", "set_label",
+    "serving_base_path",
     "backbones", "ZooError", "ArtifactError", "ChecksumError", "IndexFormatError", "InvalidNameError",
     "LockTimeoutError", "NotFoundError", "ReadOnlyStoreError", "StoreUnreachableError",
 ]
@@ -71,18 +72,32 @@ def load(name: str, version: int | str | None = None, store=None, compile: bool 
     Raises:
       NotFoundError (with close names), ChecksumError, StoreUnreachableError.
     """
-    import keras
-
     from zoo.export import KERAS_FILENAME
 
+    return _load_keras_file(name, version, store, compile, KERAS_FILENAME)
+
+
+def load_classifier(name: str, version: int | str | None = None, store=None, compile: bool = False):
+    """Loads the classifier published with a label-trained encoder: a `keras.Model` from
+    images to class probabilities; `info(name)["class_names"]` names its outputs."""
+    from zoo.export import CLASSIFIER_FILENAME
+
+    return _load_keras_file(name, version, store, compile, CLASSIFIER_FILENAME)
+
+
+def _load_keras_file(name, version, store, compile, filename):
+    import keras
+
     st, name, number, entry = _resolve(name, version, store)
-    if KERAS_FILENAME not in entry["files"]:
-        raise ArtifactError(f"{name}:{number} has no {KERAS_FILENAME} in the index; republish it.")
-    directory = _verified_dir(st, name, number, entry, skip=(KERAS_FILENAME,))
+    if filename not in entry["files"]:
+        hint = ("it was published without a classifier (only label-trained runs have one)"
+                if filename != "encoder.keras" else "republish it")
+        raise ArtifactError(f"{name}:{number} has no {filename} in the index; {hint}.")
+    directory = _verified_dir(st, name, number, entry, skip=(filename,))
     # Load the very bytes that were hashed, so the file cannot change between check and use.
-    data = read_verified(directory, KERAS_FILENAME, entry["files"][KERAS_FILENAME])
+    data = read_verified(directory, filename, entry["files"][filename])
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, KERAS_FILENAME)
+        path = os.path.join(tmp, filename)
         with open(path, "wb") as f:
             f.write(data)
         return keras.saving.load_model(path, compile=compile)
@@ -156,6 +171,22 @@ def _read_run_dir(run_dir: str, embedding: str = "encoder"):
     return keras.saving.load_model(model_path, compile=False), {**run, "embedding": "head"}, metrics
 
 
+def _read_classifier(run_dir: str, run: dict):
+    """(classifier, class names) of a label-trained run directory, or (None, None)."""
+    import keras
+    import tensorflow as tf
+
+    from zoo.export import CLASSIFIER_FILENAME
+
+    path = os.path.join(run_dir, CLASSIFIER_FILENAME)
+    if not tf.io.gfile.exists(path):
+        return None, None
+    if not run.get("class_names"):
+        raise ArtifactError(f"{path} exists but run.json has no class_names; rerun the run's command to "
+                            "re-evaluate it, which writes them.")
+    return keras.saving.load_model(path, compile=False), run["class_names"]
+
+
 def publish(
     run_dir: str | None = None,
     *,
@@ -167,6 +198,8 @@ def publish(
     labels=(),
     description: str | None = None,
     embedding: str = "encoder",
+    classifier=None,
+    class_names=None,
 ) -> str:
     """Publishes an encoder as the next version of `name`; returns "name:version".
 
@@ -176,6 +209,11 @@ def publish(
     From a run directory, `embedding="head"` publishes the encoder with the recipe's
     projection head (embedding.keras), whose output was the better kNN space for
     low-temperature contrastive recipes; the default publishes the encoder alone.
+
+    A classifier trained with labels is published beside the encoder, so the served
+    model also answers TF Serving's Classify: from a run directory that holds
+    classifier.keras (label recipes write it), or `classifier` (images -> [N, K]
+    probabilities) with its K `class_names`.
 
     The artifact is written and verified in the store's staging area, then moved into
     place and added to the index under the store's lock; on any failure the store is left
@@ -195,7 +233,14 @@ def publish(
     if run_dir is not None:
         if run is not None or metrics is not None:
             raise TypeError("With a run directory, run and metrics come from its run.json and metrics.json.")
+        if classifier is not None or class_names is not None:
+            raise TypeError("With a run directory, the classifier comes from its classifier.keras.")
         encoder, run, metrics = _read_run_dir(os.fspath(run_dir), embedding)
+        classifier, class_names = _read_classifier(os.fspath(run_dir), run)
+    elif classifier is not None:
+        from zoo.export import check_classifier
+
+        check_classifier(classifier, encoder, class_names)  # before any work
 
     from zoo import card as cards
     from zoo import export
@@ -209,8 +254,9 @@ def publish(
 
     try:
         model_card = export.write_artifact(encoder, staged, name=name, run=run, metrics=metrics,
-                                           description=description)
-        export.verify_artifact(staged, encoder)
+                                           description=description, classifier=classifier,
+                                           class_names=class_names)
+        export.verify_artifact(staged, encoder, classifier=classifier)
         from zoo.store import hash_tree
 
         files = hash_tree(staged)

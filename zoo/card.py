@@ -84,6 +84,7 @@ def make_card(
     metrics: dict | None = None,
     files: dict | None = None,
     description: str | None = None,
+    class_names=None,
 ) -> dict:
     """Assembles a card from a training run's run.json / metrics.json (or partial metadata).
 
@@ -93,6 +94,7 @@ def make_card(
       run: run.json contents (recipe, recipe_config, backbone, ...); missing keys become None.
       metrics: metrics.json contents, e.g. {"knn": {"accuracy": .., "protocol": {..}}, ...}.
       files: {relative path: {"sha256": .., "size": ..}} of the artifact files except the card.
+      class_names: what the artifact's classifier (if it has one) answers Classify with.
     """
     run = dict(run or {})
     metrics = dict(metrics or {})
@@ -111,6 +113,8 @@ def make_card(
         "embedding_dim": int(embedding_dim),
         # What the artifact returns: the encoder's pooled features, or the recipe's projection head on top.
         "embedding": run.get("embedding") or "encoder",
+        # A label-trained run's classifier (classifier.keras, the `classify` signature); None: encoder only.
+        "class_names": None if class_names is None else [str(c) for c in class_names],
         "metrics": metrics,
         "hardware": hardware(),
         "software": software(),

@@ -9,6 +9,14 @@ whole serving contract inside its graph:
   C channels, resizing to (H, W) and the cast happen in the graph, so clients can send
   encoded files (`{"b64": ...}` over REST) without any preprocessing code.
 
+A classifier trained with labels (`recipes.train --recipe=finetune|fixmatch|...`) adds
+* `classify`, method `tensorflow/serving/classify` (TF Serving's Classify API and REST
+  `:classify`): `inputs` string [N] of serialized tf.Examples whose bytes feature
+  `image/encoded` holds an encoded image -> `classes` string [N, K] (the class names)
+  and `scores` float32 [N, K] (the classifier's probabilities).
+Keras 3 writes every signature with the predict method, so the classify one is
+re-marked in saved_model.pb before the version is renamed into place.
+
 Both are written to a temporary sibling directory and renamed into place, so a server
 polling the base directory never sees a half-written version.
 """
@@ -27,6 +35,13 @@ IMAGES_KEY = "images"
 IMAGE_BYTES_KEY = "image_bytes"
 EMBEDDING_KEY = "embedding"
 KERAS_FILENAME = "encoder.keras"
+CLASSIFY = "classify"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+EXAMPLES_KEY = "inputs"
+IMAGE_FEATURE = "image/encoded"
+CLASSES_KEY = "classes"
+SCORES_KEY = "scores"
+CLASSIFIER_FILENAME = "classifier.keras"
 
 
 def encoder_input_shape(encoder: keras.Model) -> tuple[int, int, int]:
@@ -71,7 +86,21 @@ def _decode_images(image_bytes, height, width, channels):
     )
 
 
-def _archive(encoder: keras.Model) -> keras.export.ExportArchive:
+def check_classifier(classifier: keras.Model, encoder: keras.Model, class_names) -> list[str]:
+    """The class names as strings, once the classifier is known to take the encoder's images
+    and return one probability per name."""
+    if classifier.input_shape != encoder.input_shape:
+        raise ValueError(f"The classifier takes {classifier.input_shape}, the encoder {encoder.input_shape}: "
+                         "both must take the same images.")
+    names = [str(name) for name in class_names or ()]
+    if tuple(classifier.output_shape) != (None, len(names)):
+        raise ValueError(f"The classifier outputs {classifier.output_shape}, but {len(names)} class names were "
+                         "given: it must output one probability per class name.")
+    return names
+
+
+def _archive(encoder: keras.Model, classifier: keras.Model | None = None,
+             class_names=None) -> keras.export.ExportArchive:
     height, width, channels = encoder_input_shape(encoder)
     embedding_dim(encoder)
 
@@ -92,11 +121,44 @@ def _archive(encoder: keras.Model) -> keras.export.ExportArchive:
     archive.add_endpoint(
         EMBED_BYTES, embed_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_KEY)]
     )
+    if classifier is not None:
+        names = tf.constant(check_classifier(classifier, encoder, class_names))
+        archive.track(classifier)
+
+        def classify(serialized_examples):
+            features = tf.io.parse_example(serialized_examples, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+            images = _decode_images(features[IMAGE_FEATURE], height, width, channels)
+            scores = tf.cast(classifier(images, training=False), tf.float32)
+            classes = tf.tile(names[None, :], [tf.shape(scores)[0], 1])
+            return {CLASSES_KEY: classes, SCORES_KEY: scores}
+
+        archive.add_endpoint(
+            CLASSIFY, classify, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_KEY)]
+        )
     return archive
 
 
-def write_saved_model(encoder: keras.Model, path: str) -> str:
+def _mark_classify_signature(saved_model_dir: str) -> None:
+    """Gives the `classify` signature TF Serving's classify method name (Keras writes predict)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = f"{saved_model_dir}/saved_model.pb"
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    for meta_graph in proto.meta_graphs:
+        if CLASSIFY in meta_graph.signature_def:
+            meta_graph.signature_def[CLASSIFY].method_name = CLASSIFY_METHOD
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
+def write_saved_model(encoder: keras.Model, path: str, classifier: keras.Model | None = None,
+                      class_names=None) -> str:
     """Writes the serving SavedModel into `path` (which must not exist yet); returns `path`.
+
+    With `classifier` (images -> [N, K] probabilities) and its K `class_names`, the
+    SavedModel also answers Classify.
 
     `path` may be any `tf.io.gfile` URI. Written to a temporary sibling first and renamed,
     so `path` either holds a complete SavedModel or does not exist.
@@ -107,7 +169,9 @@ def write_saved_model(encoder: keras.Model, path: str) -> str:
     tf.io.gfile.makedirs(parent)
     tmp = f"{parent}/.tmp-{os.path.basename(path.rstrip('/'))}-{uuid.uuid4().hex[:12]}"
     try:
-        _archive(encoder).write_out(tmp, verbose=False)
+        _archive(encoder, classifier, class_names).write_out(tmp, verbose=False)
+        if classifier is not None:
+            _mark_classify_signature(tmp)
         tf.io.gfile.rename(tmp, path)
     finally:
         if tf.io.gfile.exists(tmp):
@@ -138,7 +202,8 @@ def export_saved_model(encoder: keras.Model, export_dir: str, version: int | Non
 
 
 def write_keras(encoder: keras.Model, path: str) -> str:
-    """Saves the trainable encoder as a `.keras` file (any gfile URI, via a local temp file)."""
+    """Saves a trainable model (the encoder, or the classifier) as a `.keras` file (any gfile
+    URI, via a local temp file)."""
     if not path.endswith(".keras"):
         raise ValueError(f"A Keras model file must end in .keras, got {path!r}.")
     if "://" not in path:
@@ -157,73 +222,90 @@ REQUIRED_FILES = ("saved_model.pb", "variables/variables.index", KERAS_FILENAME)
 
 
 def write_artifact(encoder: keras.Model, directory: str, *, name: str, run=None, metrics=None,
-                   description=None) -> dict:
+                   description=None, classifier: keras.Model | None = None, class_names=None) -> dict:
     """Writes a complete zoo artifact into the new directory `directory` and returns its card.
 
     One directory serves everyone: it is a TF Serving version directory (SavedModel at
     its root; servers ignore the other files), and it holds `encoder.keras` (trainable,
     fine-tunable) and `card.json` (whose "files" lists the sha256 of every other file).
+    With a `classifier`, also `classifier.keras`, the `classify` signature, and the card's
+    `class_names`.
     """
     from zoo import card as cards
     from zoo.store import hash_tree
 
     shape = encoder_input_shape(encoder)
-    write_saved_model(encoder, directory)
+    write_saved_model(encoder, directory, classifier, class_names)
     write_keras(encoder, f"{directory}/{KERAS_FILENAME}")
+    if classifier is not None:
+        write_keras(classifier, f"{directory}/{CLASSIFIER_FILENAME}")
     model_card = cards.make_card(
         name=name, input_shape=shape, embedding_dim=embedding_dim(encoder), run=run, metrics=metrics,
         files=hash_tree(directory), description=description,
+        class_names=None if classifier is None else check_classifier(classifier, encoder, class_names),
     )
     with tf.io.gfile.GFile(f"{directory}/{cards.CARD_FILENAME}", "w") as f:
         f.write(cards.to_json(model_card))
     return model_card
 
 
-def _signature_keys(saved_model_pb: str) -> dict[str, tuple[list[str], list[str]]]:
+def signatures_of(saved_model_pb: str) -> dict[str, tuple[list[str], list[str], str]]:
+    """{signature key: (input keys, output keys, method name)} of a saved_model.pb."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
     with tf.io.gfile.GFile(saved_model_pb, "rb") as f:
         proto.ParseFromString(f.read())
     signatures = proto.meta_graphs[0].signature_def
-    return {k: (sorted(s.inputs), sorted(s.outputs)) for k, s in signatures.items()}
+    return {k: (sorted(s.inputs), sorted(s.outputs), s.method_name) for k, s in signatures.items()}
 
 
-def verify_artifact(directory: str, encoder: keras.Model, atol: float = 1e-5) -> None:
+def _reloaded(directory: str, filename: str) -> keras.Model:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, filename)
+        tf.io.gfile.copy(f"{directory}/{filename}", local)
+        return keras.saving.load_model(local, compile=False)
+
+
+def verify_artifact(directory: str, encoder: keras.Model, atol: float = 1e-5,
+                    classifier: keras.Model | None = None) -> None:
     """Checks a written artifact before it is published; raises `ArtifactError` if anything is off.
 
-    Files present, both serving signatures with the contract's keys, and the `.keras` file
-    reloads (in this process, without custom_objects) into a model that computes the same
-    features as `encoder` on a fixed random batch.
+    Files present, the serving signatures with the contract's keys (and method), and each
+    `.keras` file reloads (in this process, without custom_objects) into a model that
+    computes what `encoder` (and `classifier`) compute on a fixed random batch.
     """
     import numpy as np
 
     from zoo.errors import ArtifactError
 
-    missing = [f for f in REQUIRED_FILES if not tf.io.gfile.exists(f"{directory}/{f}")]
+    required = REQUIRED_FILES + ((CLASSIFIER_FILENAME,) if classifier is not None else ())
+    missing = [f for f in required if not tf.io.gfile.exists(f"{directory}/{f}")]
     if missing:
         raise ArtifactError(f"The written artifact in {directory} lacks {missing}; nothing was published.")
+    predict = "tensorflow/serving/predict"
     expected = {
-        SERVING_DEFAULT: ([IMAGES_KEY], [EMBEDDING_KEY]),
-        EMBED_BYTES: ([IMAGE_BYTES_KEY], [EMBEDDING_KEY]),
+        SERVING_DEFAULT: ([IMAGES_KEY], [EMBEDDING_KEY], predict),
+        EMBED_BYTES: ([IMAGE_BYTES_KEY], [EMBEDDING_KEY], predict),
     }
-    found = _signature_keys(f"{directory}/saved_model.pb")
+    if classifier is not None:
+        expected[CLASSIFY] = ([EXAMPLES_KEY], [CLASSES_KEY, SCORES_KEY], CLASSIFY_METHOD)
+    found = signatures_of(f"{directory}/saved_model.pb")
     for signature, keys in expected.items():
         if found.get(signature) != keys:
             raise ArtifactError(f"SavedModel signature {signature} is {found.get(signature)}, expected {keys}.")
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, KERAS_FILENAME)
-        tf.io.gfile.copy(f"{directory}/{KERAS_FILENAME}", local)
-        reloaded = keras.saving.load_model(local, compile=False)
     height, width, channels = encoder_input_shape(encoder)
     images = np.random.default_rng(0).uniform(0, 255, (2, height, width, channels)).astype("float32")
-    before = np.asarray(encoder(images, training=False))
-    after = np.asarray(reloaded(images, training=False))
-    if before.shape != after.shape or not np.allclose(before, after, atol=atol, rtol=1e-5):
-        raise ArtifactError(
-            "The saved encoder.keras does not reproduce the encoder's features; a custom layer probably "
-            "lacks get_config or registration (keras.saving.register_keras_serializable). Nothing was published."
-        )
+    for filename, model in ((KERAS_FILENAME, encoder), (CLASSIFIER_FILENAME, classifier)):
+        if model is None:
+            continue
+        before = np.asarray(model(images, training=False))
+        after = np.asarray(_reloaded(directory, filename)(images, training=False))
+        if before.shape != after.shape or not np.allclose(before, after, atol=atol, rtol=1e-5):
+            raise ArtifactError(
+                f"The saved {filename} does not reproduce the model's outputs; a custom layer probably lacks "
+                "get_config or registration (keras.saving.register_keras_serializable). Nothing was published."
+            )

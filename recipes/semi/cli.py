@@ -67,7 +67,8 @@ def check_student_encoder(recipe, has_student_encoder):
 def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=None, labels_per_class=None,
                       label_fraction=None, epochs=10, steps_per_epoch=None, batch_size=64, strategy=None, seed=0,
                       hparams=None, verbose=0, checkpoint_dir=None):
-    """Runs one label-using recipe; returns (model, exported encoder, metrics).
+    """Runs one label-using recipe; returns (model, exported encoder, metrics); the model's
+    `exported_classifier` is the classifier to publish.
 
     `checkpoint_dir` makes every run resumable: FixMatch per logged epoch, the
     others every 500 steps (Pseudo-Label and Noisy Student keep finished rounds

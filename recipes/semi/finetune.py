@@ -144,6 +144,19 @@ class FineTune(Recipe):
         """The encoder to publish to the zoo."""
         return self.encoder
 
+    @property
+    def exported_classifier(self):
+        """Images -> class probabilities, published beside the encoder (TF Serving's Classify)."""
+        return classifier_model(self.exported_encoder, self.classifier)
+
+
+def classifier_model(encoder, head, name="classifier"):
+    """A standalone `keras.Model`: images -> softmax(head(encoder(images))), in inference mode
+    what `predict_proba` computes; saved as classifier.keras and served by `classify`."""
+    images = keras.Input(encoder.input_shape[1:], dtype=encoder.inputs[0].dtype, name="images")
+    probabilities = keras.layers.Softmax(name="probabilities")(head(encoder(images)))
+    return keras.Model(images, probabilities, name=name)
+
 
 def classifier_dataset(images, labels=None, targets=None, weights=None, batch_size=64, seed=0):
     """An endless, shuffled tf.data of `{"image", "label" | "target", ["weight"]}` batches.

@@ -49,6 +49,7 @@ from recipes import distribute
 from recipes.base import Recipe, register
 from recipes.checkpointing import SaveEveryEpoch, resume
 from recipes.optimizers import SGDL2
+from recipes.semi.finetune import classifier_model
 from recipes.semi.losses import class_distribution, fixmatch_unlabelled_loss, sparse_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
@@ -241,6 +242,11 @@ class FixMatch(Recipe):
     def exported_encoder(self):
         """The EMA encoder: FixMatch's evaluated model, hence the one to publish."""
         return self.ema_encoder
+
+    @property
+    def exported_classifier(self):
+        """The EMA model as images -> class probabilities, published beside the encoder."""
+        return classifier_model(self.ema_encoder, self.ema_classifier)
 
 
 def fixmatch_dataset(labelled_images, labels, unlabelled_images, batch_size=64, mu=7, seed=0,
