@@ -48,7 +48,8 @@ def run_settings() -> dict:
     recorded = launch.read(FLAGS.model_dir)
     if recorded is None:
         return {"init_from": FLAGS.init_from, "backbone": FLAGS.backbone, "width": FLAGS.width,
-                "backbone_norm": "batch", "dataset": FLAGS.dataset, "model_hparams": {"distribution_alignment": FLAGS.distribution_alignment}}
+                "backbone_norm": "batch", "dataset": FLAGS.dataset,
+                "model_hparams": {"distribution_alignment": FLAGS.distribution_alignment}}
     if recorded["recipe"] != "fixmatch":
         raise SystemExit(f"{FLAGS.model_dir} is a {recorded['recipe']} run, not a FixMatch one.")
     accepted = inspect.signature(FixMatch.__init__).parameters

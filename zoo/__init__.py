@@ -88,10 +88,12 @@ def load_classifier(name: str, version: int | str | None = None, store=None, com
 def _load_keras_file(name, version, store, compile, filename):
     import keras
 
+    from zoo.export import KERAS_FILENAME
+
     st, name, number, entry = _resolve(name, version, store)
     if filename not in entry["files"]:
-        hint = ("it was published without a classifier (only label-trained runs have one)"
-                if filename != "encoder.keras" else "republish it")
+        hint = ("republish it" if filename == KERAS_FILENAME
+                else "it was published without a classifier (only label-trained runs have one)")
         raise ArtifactError(f"{name}:{number} has no {filename} in the index; {hint}.")
     directory = _verified_dir(st, name, number, entry, skip=(filename,))
     # Load the very bytes that were hashed, so the file cannot change between check and use.
