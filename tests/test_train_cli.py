@@ -104,7 +104,8 @@ def test_a_rerun_with_other_settings_is_refused_not_spliced(data_dir, tmp_path):
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     env = _env(data_dir)
     assert _train([*SMALL, "--epochs=1", f"--model_dir={tmp_path}"], env).returncode == 0
-    result = _train([*SMALL, "--epochs=2", "--lr=1e30", f"--model_dir={tmp_path}"], env)
+    # A deliberately spliced run: epoch 2 at a learning rate that diverges.
+    result = _train([*SMALL, "--epochs=2", "--lr=1e30", "--allow_changed_flags", f"--model_dir={tmp_path}"], env)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "NaN" in result.stderr and "last good checkpoint (epoch 1)" in result.stderr
     latest = (tmp_path / "checkpoints" / "checkpoint").read_text()
