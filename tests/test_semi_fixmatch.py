@@ -78,16 +78,20 @@ def test_distribution_alignment_keeps_the_last_window_of_batch_means():
     assert not np.allclose(rows[2][0], rows[1][0])                                       # then slot 0 again
 
 
-def test_alignment_changes_the_loss_and_needs_a_positive_window():
+def _losses_with_the_same_weights(make_first, make_second):
+    """The two recipes' losses on one batch, the second given the first's encoder and classifier."""
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     batch = {k: tf.constant(v) for k, v in _batch().items()}
-    plain = build_recipe(strategy, _make_fixmatch())
-    aligned = build_recipe(strategy, _make_fixmatch(distribution_alignment=True, alignment_window=1))
-    for source, target in ((plain.encoder, aligned.encoder), (plain.classifier, aligned.classifier)):
+    first, second = build_recipe(strategy, make_first), build_recipe(strategy, make_second)
+    for source, target in ((first.encoder, second.encoder), (first.classifier, second.classifier)):
         target.set_weights(source.get_weights())
-    plain_loss, _, _ = plain.loss_and_gradients(batch)
-    aligned_loss, _, _ = aligned.loss_and_gradients(batch)
-    assert float(plain_loss) != pytest.approx(float(aligned_loss), rel=1e-4)
+    return [float(recipe.loss_and_gradients(batch)[0]) for recipe in (first, second)]
+
+
+def test_alignment_changes_the_loss_and_needs_a_positive_window():
+    plain_loss, aligned_loss = _losses_with_the_same_weights(
+        _make_fixmatch(), _make_fixmatch(distribution_alignment=True, alignment_window=1))
+    assert plain_loss != pytest.approx(aligned_loss, rel=1e-4)
     with pytest.raises(ValueError, match="alignment_window"):
         FixMatch(small_encoder(), NUM_CLASSES, distribution_alignment=True, alignment_window=0)
 
@@ -108,15 +112,10 @@ def test_alignment_target_is_the_labelled_class_distribution():
 
 
 def test_the_alignment_target_enters_the_loss():
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    batch = {k: tf.constant(v) for k, v in _batch().items()}
-    uniform = build_recipe(strategy, _make_fixmatch(distribution_alignment=True))
-    skewed = build_recipe(strategy, _make_fixmatch(distribution_alignment=True, alignment_target=[8, 1, 1]))
-    for source, target in ((uniform.encoder, skewed.encoder), (uniform.classifier, skewed.classifier)):
-        target.set_weights(source.get_weights())
-    uniform_loss, _, _ = uniform.loss_and_gradients(batch)
-    skewed_loss, _, _ = skewed.loss_and_gradients(batch)
-    assert float(uniform_loss) != pytest.approx(float(skewed_loss), rel=1e-4)
+    uniform_loss, skewed_loss = _losses_with_the_same_weights(
+        _make_fixmatch(distribution_alignment=True),
+        _make_fixmatch(distribution_alignment=True, alignment_target=[8, 1, 1]))
+    assert uniform_loss != pytest.approx(skewed_loss, rel=1e-4)
     with pytest.raises(ValueError, match="3 non-negative weights"):
         FixMatch(small_encoder(), NUM_CLASSES, distribution_alignment=True, alignment_target=[1, 1])
 
