@@ -80,25 +80,32 @@ flags.DEFINE_bool("allow_changed_flags", False, "Resume a --model_dir whose run 
 flags.DEFINE_string("zoo_store", None, "Zoo store for --zoo_entry / --init_from / --publish_as "
                     "(default $ZOO_HOME or ~/.ssl_zoo).")
 
-# Flags a zoo card can fill in, and the run.json key each one comes from.
-_CARD_FLAGS = {"recipe": "recipe", "dataset": "dataset", "train_split": "train_split", "backbone": "backbone",
-               "width": "backbone_width", "backbone_norm": "backbone_norm", "epochs": "epochs",
-               "steps_per_epoch": "steps_per_epoch",
-               "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
-               "optimizer_args": "optimizer_args", "warmup_epochs": "warmup_epochs", "seed": "seed",
-               "student_width": "student_width"}
+# The flags that define what a run trains, each with the run.json key that records it. launch.json
+# compares them before a rerun resumes (recipes.launch), run.json records them, and a zoo card gives
+# them back to a retraining run (--zoo_entry).
+RUN_DEFINING_FLAGS = {
+    "recipe": "recipe", "dataset": "dataset", "train_split": "train_split", "backbone": "backbone",
+    "width": "backbone_width", "backbone_norm": "backbone_norm", "init_from": "init_from", "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch", "batch_size": "batch_size", "seed": "seed", "optimizer": "optimizer",
+    "optimizer_args": "optimizer_args", "lr": "lr", "weight_decay": "weight_decay",
+    "warmup_epochs": "warmup_epochs", "labels_per_class": "labels_per_class",
+    "label_fraction": "label_fraction", "student_width": "student_width"}
+# Not from the card: a retrained entry starts afresh, and its labelled split is set apart
+# (flags_from_zoo_entry).
+_CARD_FLAGS = {flag: key for flag, key in RUN_DEFINING_FLAGS.items()
+               if flag not in ("init_from", "labels_per_class", "label_fraction")}
+
+
+def _run_defining_values() -> dict:
+    """Flag -> value of every run-defining flag, with the recipe's own norm when the flag is unset."""
+    values = {flag: FLAGS[flag].value for flag in RUN_DEFINING_FLAGS}
+    values["backbone_norm"] = backbone_norm()
+    return values
 
 
 def run_definition(hparams: dict) -> dict:
     """The settings that define what a run trains (recipes.launch): a rerun resumes only if they match."""
-    return {"recipe": FLAGS.recipe, "dataset": FLAGS.dataset, "train_split": FLAGS.train_split,
-            "backbone": FLAGS.backbone, "width": FLAGS.width, "backbone_norm": backbone_norm(),
-            "init_from": FLAGS.init_from, "epochs": FLAGS.epochs, "steps_per_epoch": FLAGS.steps_per_epoch,
-            "batch_size": FLAGS.batch_size, "seed": FLAGS.seed, "optimizer": FLAGS.optimizer,
-            "optimizer_args": parse_hparams(FLAGS.optimizer_args), "lr": FLAGS.lr,
-            "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "hparams": hparams,
-            "labels_per_class": FLAGS.labels_per_class, "label_fraction": FLAGS.label_fraction,
-            "student_width": FLAGS.student_width}
+    return {**_run_defining_values(), "optimizer_args": parse_hparams(FLAGS.optimizer_args), "hparams": hparams}
 
 
 class TrainingDiverged(RuntimeError):
@@ -362,16 +369,11 @@ def backbone_norm() -> str:
 
 def run_facts(strategy, train_images) -> dict:
     """The run.json fields every recipe shares: what was trained on what, how."""
+    recorded = {RUN_DEFINING_FLAGS[flag]: value for flag, value in _run_defining_values().items()}
     return {
-        "recipe": FLAGS.recipe, "backbone": FLAGS.backbone, "backbone_width": FLAGS.width,
-        "backbone_norm": backbone_norm(),
-        "init_from": FLAGS.init_from, "input_shape": list(train_images.shape[1:]), "dataset": FLAGS.dataset,
-        "train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "epochs": FLAGS.epochs,
-        "batch_size": FLAGS.batch_size, "optimizer": FLAGS.optimizer, "optimizer_args": FLAGS.optimizer_args,
-        "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay, "warmup_epochs": FLAGS.warmup_epochs, "seed": FLAGS.seed,
-        "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync,
-        "labels_per_class": FLAGS.labels_per_class, "label_fraction": FLAGS.label_fraction,
-        "student_width": FLAGS.student_width, "retrained_from": FLAGS.zoo_entry, "git_commit": git_commit(),
+        **recorded, "input_shape": list(train_images.shape[1:]), "test_split": FLAGS.test_split,
+        "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync, "retrained_from": FLAGS.zoo_entry,
+        "git_commit": git_commit(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
     }
 
