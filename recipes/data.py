@@ -8,6 +8,9 @@ restoring those header bytes makes them byte-identical to upstream, so TFDS's ow
 Everything here is offline: TFDS is never allowed to download (a download attempt raises
 `OfflineDownloadError`), and GCS is never tried.
 
+Your own images: `folder:ROOT` (a split folder per split, a class folder per class; see
+`recipes.image_folder`) works wherever a dataset name does in `info` and `load_arrays`.
+
 Public API: `DATASETS`, `default_data_dir`, `load_arrays`, `info`, `make_dataset`,
 `split_labelled`, plus `prepare` and the `SyntheticShapes` builder.
 """
@@ -40,6 +43,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from tensorflow_datasets.core.download import checksums as _tfds_checksums  # noqa: E402
 from tensorflow_datasets.core.download import download_manager as _tfds_dm  # noqa: E402
+
+from recipes import image_folder  # noqa: E402
 
 __all__ = [
     "DATASETS",
@@ -102,7 +107,14 @@ def default_data_dir() -> str:
 
 def _check_name(name: str) -> None:
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, "
+                         "or folder:/path/to/images for your own (recipes.image_folder)")
+
+
+def _check_folder_options(name: str, image_size, channels) -> None:
+    if (image_size is not None or channels is not None) and not image_folder.is_folder_dataset(name):
+        raise ValueError(f"--image_size and --channels apply to folder datasets (--dataset=folder:PATH); "
+                         f"{name} has a fixed shape.")
 
 
 @contextlib.contextmanager
@@ -342,8 +354,14 @@ _INFOS = {
 }
 
 
-def info(name: str) -> DatasetInfo:
-    """Static facts about a dataset (no preparation, no I/O)."""
+def info(name: str, image_size: int | None = None, channels: int | None = None) -> DatasetInfo:
+    """Static facts about a dataset (no preparation; a folder dataset lists its folders and
+    decodes its first image). `image_size` / `channels`: folder datasets only."""
+    _check_folder_options(name, image_size, channels)
+    if image_folder.is_folder_dataset(name):
+        folder = image_folder.layout(name)
+        return DatasetInfo(name, image_folder.image_shape(folder, image_size, channels), len(folder.class_names),
+                           folder.class_names, {split: len(files) for split, files in folder.files.items()})
     _check_name(name)
     i = _INFOS[name]
     return dataclasses.replace(i, splits=dict(i.splits))
@@ -381,11 +399,20 @@ def _exclusive_lock(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_arrays(name: str, split: str = "train", data_dir=None) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(name: str, split: str = "train", data_dir=None, image_size: int | None = None,
+                channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,H,W,C], labels int64 [N]) of `split` (TFDS split syntax, e.g. 'train[:10%]').
 
-    Prepares the dataset on first use, offline. The order is TFDS's (deterministic).
+    Prepares the dataset on first use, offline. The order is TFDS's (deterministic). A folder
+    dataset (`folder:ROOT`, see recipes.image_folder) is read from its files, in path order,
+    at `image_size` / `channels` if given.
     """
+    _check_folder_options(name, image_size, channels)
+    if image_folder.is_folder_dataset(name):
+        folder = image_folder.layout(name)
+        image_folder.split_files(folder, split)  # an unknown split fails before any image is decoded
+        shape = image_folder.image_shape(folder, image_size, channels)
+        return image_folder.load_split(folder, split, shape, resize=image_size is not None)
     builder = prepare(name, data_dir)
     ds = builder.as_dataset(split=split, as_supervised=True, batch_size=-1, shuffle_files=False)
     images, labels = tfds.as_numpy(ds)

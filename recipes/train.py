@@ -32,7 +32,12 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", "moco", "Recipe name (see recipes.base.RECIPES).")
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see recipes.data.DATASETS).")
+flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see recipes.data.DATASETS), or folder:PATH for your "
+                    "own images in PATH/<split>/<class>/ (see recipes.image_folder).")
+flags.DEFINE_integer("image_size", None, "Folder datasets: resize every image's shorter side to this and crop the "
+                     "centre square (default: keep the files' size, which must then be one size).")
+flags.DEFINE_integer("channels", None, "Folder datasets: 1 (grey) or 3 (RGB) channels (default: the first "
+                     "training image's).")
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 flags.DEFINE_string("train_split", "train", "Split to pretrain on (labels unused).")
 flags.DEFINE_string("test_split", "test", "Split for the final kNN / linear-probe evaluation.")
@@ -89,7 +94,8 @@ RUN_DEFINING_FLAGS = {
     "steps_per_epoch": "steps_per_epoch", "batch_size": "batch_size", "seed": "seed", "optimizer": "optimizer",
     "optimizer_args": "optimizer_args", "lr": "lr", "weight_decay": "weight_decay",
     "warmup_epochs": "warmup_epochs", "labels_per_class": "labels_per_class",
-    "label_fraction": "label_fraction", "student_width": "student_width"}
+    "label_fraction": "label_fraction", "student_width": "student_width", "image_size": "image_size",
+    "channels": "channels"}
 # Not from the card: a retrained entry starts afresh, and its labelled split is set apart
 # (flags_from_zoo_entry).
 _CARD_FLAGS = {flag: key for flag, key in RUN_DEFINING_FLAGS.items()
@@ -426,11 +432,13 @@ def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_d
                 "seed": FLAGS.seed}
     metrics.update(evaluate.evaluate_encoder(encoder, *train, *test, int(train[1].max()) + 1, probe_epochs=0,
                                              protocol=protocol))
+    classifier = model.exported_classifier
+    # Class ids index the dataset's names; a last class absent from both splits has no output.
+    class_names = data.info(FLAGS.dataset, FLAGS.image_size, FLAGS.channels).class_names[:classifier.output_shape[-1]]
     run_info = {**run_facts(strategy, train[0]), "recipe_config": model.get_config(),
                 "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps,
-                "wall_time_s": round(wall, 2), "images_per_sec": None,
-                "class_names": list(data.info(FLAGS.dataset).class_names)}
-    write_outputs(chief, model_dir, encoder, run_info, metrics, classifier=model.exported_classifier)
+                "wall_time_s": round(wall, 2), "images_per_sec": None, "class_names": list(class_names)}
+    write_outputs(chief, model_dir, encoder, run_info, metrics, classifier=classifier)
     print(f"{FLAGS.recipe}: test accuracy {metrics['classifier']['accuracy']:.4f} "
           f"({metrics['classifier']['protocol']['labelled']} labels); encoder kNN {metrics['knn']['accuracy']:.4f}")
     return {"run": run_info, "metrics": metrics}
@@ -478,8 +486,10 @@ def train(argv=None) -> dict:
 
     with usage_errors():
         launch.check_or_record(model_dir, run_definition(hparams), allow_changes=FLAGS.allow_changed_flags)
-        train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir)
-        test_images, test_labels = data.load_arrays(FLAGS.dataset, FLAGS.test_split, FLAGS.data_dir)
+        train_images, train_labels = data.load_arrays(FLAGS.dataset, FLAGS.train_split, FLAGS.data_dir,
+                                                      FLAGS.image_size, FLAGS.channels)
+        test_images, test_labels = data.load_arrays(FLAGS.dataset, FLAGS.test_split, FLAGS.data_dir,
+                                                    FLAGS.image_size, FLAGS.channels)
         if FLAGS.batch_size % strategy.num_replicas_in_sync:
             raise ValueError(f"--batch_size={FLAGS.batch_size} must be divisible by "
                              f"{strategy.num_replicas_in_sync} replicas.")
