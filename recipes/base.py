@@ -70,6 +70,8 @@ class Recipe(keras.Model):
     recipe_name = "base"
     # Normalization of the backbone `recipes.train` builds for this recipe (zoo.backbones.NORMS).
     backbone_norm = "batch"
+    # Whether batches must carry "index" (each image's position in the dataset; NPID's memory bank).
+    needs_index = False
 
     def __init__(self, encoder: keras.Model, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

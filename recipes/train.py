@@ -539,7 +539,7 @@ def train(argv=None) -> dict:
 
     if initial_epoch < FLAGS.epochs:
         batches = epoch_batches(train_images, FLAGS.batch_size, steps, initial_epoch, FLAGS.epochs, FLAGS.seed,
-                                getattr(recipe_cls, "needs_index", False))
+                                recipe_cls.needs_index)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             global_batches = batches
             batches = strategy.distribute_datasets_from_function(
