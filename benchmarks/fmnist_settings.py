@@ -31,15 +31,15 @@ OPTIMIZER = {"optimizer": "sgd", "lr": "0.06", "weight_decay": "5e-4", "batch_si
 OPTIMIZER_OVERRIDES = {
     "cpc": {"optimizer": "adamw", "lr": "4e-4"},
     # LARS as the Barlow Twins code sets it (eta 0.02, biases and BN at 0.024 x the rate), lr 0.3, 2 warm-up
-    # epochs: held-out kNN 0.795 at epoch 5 against SGD's 0.634 (README, Results).
+    # epochs: held-out kNN 0.795 at epoch 5 against SGD's 0.634 (benchmarks/RESULTS.md).
     "barlow_twins": {"optimizer": "lars", "lr": "0.3", "weight_decay": "1e-4", "warmup_epochs": "2",
                      "optimizer_args": "eta=0.02,vector_lr_scale=0.024"},
     # LARS in LARC's clip mode, lr 1.0, wd 1e-5, eta 0.02, as solo-learn's CIFAR BYOL: 20 epochs give test kNN
-    # 0.8351 / embedding 0.8224 / probe 0.8644 against SGD's 0.8235 / 0.8143 / 0.8437 (README, Results).
+    # 0.8351 / embedding 0.8224 / probe 0.8644 against SGD's 0.8235 / 0.8143 / 0.8437 (benchmarks/RESULTS.md).
     "byol": {"optimizer": "lars", "lr": "1.0", "weight_decay": "1e-5", "warmup_epochs": "2",
              "optimizer_args": "eta=0.02,clip=true"},
     # solo-learn's CIFAR DINO optimizer: LARS (LARC clip) lr 0.3, wd 1e-6, eta 0.02. With SGD and 6 local
-    # crops 13 epochs ended below the random encoder (README, Results).
+    # crops 13 epochs ended below the random encoder (benchmarks/RESULTS.md).
     "dino": {"optimizer": "lars", "lr": "0.3", "weight_decay": "1e-6", "warmup_epochs": "2",
              "optimizer_args": "eta=0.02,clip=true"},
 }
@@ -51,7 +51,7 @@ HPARAMS = {
     # (0.8648 vs 0.8390): a low training temperature makes the embedding itself a kNN space.
     "moco": {"queue_size": 16384, "momentum": 0.99, "temperature": 0.07, "hidden_dim": 512},
     # T=0.1 (SimCLR's ImageNet value) over the CIFAR 0.5: at 28 epochs kNN 0.8458 / embedding 0.8663
-    # against 0.8240 / 0.8124 (README).
+    # against 0.8240 / 0.8124 (benchmarks/RESULTS.md).
     "simclr": {"hidden_dim": 512, "temperature": 0.1},
     "npid": {},
     "cpc": {},

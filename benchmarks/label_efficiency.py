@@ -51,7 +51,7 @@ flags.DEFINE_float("pl_student_steps_scale", 1.0, "Pseudo-label students train t
                    "1,000 steps (run directories get a _s<scale> suffix when not 1).")
 flags.DEFINE_float("ns_student_steps_scale", 6.0, "Noisy Student students train this many times the teacher's "
                    "1,000 steps (the paper trains students at least as long as teachers; 6x measured better "
-                   "than 3x with 1%, README; _s<scale> suffix).")
+                   "than 3x with 1%, benchmarks/RESULTS.md; _s<scale> suffix).")
 flags.DEFINE_integer("seed", 0, "Seed of the labelled split, weights and augmentations.")
 flags.DEFINE_string("out", "benchmarks/results/label_efficiency", "Output path without extension.")
 flags.DEFINE_string("records", "benchmarks/results/label_efficiency", "One JSON record per finished run.")
@@ -65,7 +65,7 @@ THOUSAND_STEPS = ["--epochs=10", "--steps_per_epoch=100"]
 STRONG = {"augment": '"strong"'}
 # Pseudo-label whose every model starts afresh and trains under the strong view, 3x longer.
 FRESH_STRONG = {"init_from_teacher": "false", **STRONG, "student_steps_scale": "3"}
-# The same from the SSL encoder with 6x students, two rounds (a third lost ground at 3x; README).
+# The same from the SSL encoder with 6x students, two rounds (a third lost ground at 3x; benchmarks/RESULTS.md).
 SSL_FRESH_STRONG = {**FRESH_STRONG, "student_steps_scale": "6", "rounds": "2"}
 
 

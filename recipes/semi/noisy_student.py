@@ -29,7 +29,7 @@ The first teacher is trained without the student's noise by default
 the labelled images, here with the standard flip-and-translate augmentation and
 neither dropout nor stochastic depth, i.e. the supervised-only model. With few labels
 the noised teacher underfits: on Fashion-MNIST with 600 labels it ended 2.7 points
-below that model after the same 1,000 steps (README). `teacher_noise=True` trains it
+below that model after the same 1,000 steps (benchmarks/RESULTS.md). `teacher_noise=True` trains it
 under the student's noise. As in the paper's
 code (`unlabel_ratio`), every student batch holds labelled and pseudo-labelled
 images at a fixed ratio (`unlabelled_ratio`, 3 by default: a quarter of each batch
@@ -68,7 +68,7 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
         balancing when per_class is set, fresh student, separate labelled rows in
         every batch). The value 3 is ours (the paper's code takes it as a flag); on
         Fashion-MNIST with 100 labels it measured no better than one shuffled set
-        once students train long enough (README, "Few labels").
+        once students train long enough (benchmarks/RESULTS.md, "Few labels").
     """
 
     def __init__(self, encoder, num_classes, rounds=3, threshold=0.3, hard_labels=False, per_class=None,

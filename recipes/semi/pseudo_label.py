@@ -22,7 +22,7 @@ On Fashion-MNIST with 100 labels that default gains ~3 points over three rounds;
 students trained under the strong view for three times the teacher's steps
 (`init_from_teacher=False, augment="strong", student_steps_scale=3`) gained 3.3 over a
 teacher trained with the same view, and 8.3 over the flip-and-translate supervised
-model (README, "Few labels").
+model (benchmarks/RESULTS.md, "Few labels").
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PseudoLabel(SelfTrainingMixin, FineTune):
         `SelfTrainingMixin`. Defaults: 3 rounds, hard labels with confidence >= 0.95,
         no class balancing, weight 1, the student continues from the teacher, labelled
         and pseudo-labelled images in one shuffled set (a fixed ratio measured worse
-        for this recipe, README).
+        for this recipe, benchmarks/RESULTS.md).
     """
 
     def __init__(self, encoder, num_classes, rounds=3, threshold=0.95, hard_labels=True, per_class=None,
