@@ -7,9 +7,10 @@
 training CLI takes it as `--dataset=folder:ROOT`; a split is a subfolder's name
 (`--train_split=train --test_split=test`, the defaults). Self-supervised recipes
 never read the class of a training image, but the kNN / linear-probe evaluation
-does, so images need a class folder in the test split and in the train split's
-evaluation memory alike; put images you have no class for under any one name (for
-example `unlabelled/`) in the train split and only the evaluation is affected.
+does, so the test split needs class folders. For a self-supervised recipe, training
+images you have no class for can go under one folder of any name (`train/unlabelled/`):
+only the kNN memory and the probe see that name as a class. Label recipes
+(finetune, fixmatch, ...) would take it for a class, so give them classified images only.
 
 Class ids are the sorted class names found in *any* split, so a class missing from
 one split keeps the same id in the others. Every image is decoded to `channels`
