@@ -14,8 +14,9 @@ only the kNN memory and the probe see that name as a class. Label recipes
 
 Class ids are the sorted class names found in *any* split, so a class missing from
 one split keeps the same id in the others. Every image is decoded to `channels`
-(1 or 3; default: the first training image's) and, with `image_size`, resized so
-its shorter side is `image_size` and centre-cropped to a square; without it every
+(1 or 3; default: the first training image's) and, with `image_size`, scaled so
+its shorter side is `image_size` and centre-cropped to a square (`zoo.images.fit_image`,
+which the zoo's served signatures apply to the images they are sent); without it every
 image must already have the first one's size. Images are held in memory as uint8,
 as the built-in datasets are, which suits up to a few hundred thousand small
 images; a file that does not decode stops the load with its path, before any
@@ -29,6 +30,8 @@ import os
 
 import numpy as np
 import tensorflow as tf
+
+from zoo.images import fit_image
 
 PREFIX = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -106,13 +109,8 @@ def _decode(path: str, channels: int) -> np.ndarray:
 
 
 def _square(image: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to `size` (area-averaging when shrinking), then the centre square."""
-    height, width = image.shape[:2]
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    resized = tf.image.resize(image, (new_h, new_w), antialias=True).numpy()
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.clip(np.rint(resized[top:top + size, left:left + size]), 0, 255).astype(np.uint8)
+    """Scaled to cover size x size and centre-cropped, as the zoo's served signatures do."""
+    return np.clip(np.rint(fit_image(image, size, size).numpy()), 0, 255).astype(np.uint8)
 
 
 def image_shape(folder: FolderLayout, image_size: int | None = None, channels: int | None = None):

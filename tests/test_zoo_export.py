@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from zoo import backbones, export
+from zoo.images import fit_image
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,26 @@ def test_both_signatures_match_keras_encoder(encoder, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(by_pixels.numpy(), axis=1), 1.0, atol=1e-5)
 
 
-def test_bytes_signature_resizes_and_converts_channels(tmp_path):
+def test_bytes_signature_fits_other_sizes_as_training_did_and_converts_channels(tmp_path):
     small = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
     path = export.export_saved_model(small, str(tmp_path / "gray"), version=7)
-    rgb_jpeg = tf.io.encode_jpeg(np.full((40, 24, 3), 128, np.uint8))
-    out = tf.saved_model.load(path).signatures["embed_bytes"](image_bytes=tf.stack([rgb_jpeg]))["embedding"]
-    assert out.shape == (1, small.output_shape[-1])
+    signature = tf.saved_model.load(path).signatures["embed_bytes"]
+    tall = np.random.default_rng(1).integers(0, 256, (40, 24, 1)).astype(np.uint8)
+    served = signature(image_bytes=tf.stack([tf.io.encode_png(tall)]))["embedding"].numpy()
+    # what recipes.image_folder gives training: scaled to cover 16 x 16, the centre cut out
+    np.testing.assert_allclose(served, _reference(small, fit_image(tall, 16, 16).numpy()[None]), atol=1e-5)
+    rgb_jpeg = tf.io.encode_jpeg(np.full((40, 24, 3), 128, np.uint8))  # colour in, grey model
+    assert signature(image_bytes=tf.stack([rgb_jpeg]))["embedding"].shape == (1, small.output_shape[-1])
+
+
+def test_fit_image_keeps_an_exact_size_and_crops_the_centre_of_others():
+    exact = np.random.default_rng(0).integers(0, 256, (5, 7, 1)).astype(np.uint8)
+    np.testing.assert_array_equal(fit_image(exact, 5, 7).numpy(), exact)
+    rows = np.repeat(np.arange(30, dtype=np.float32)[:, None], 10, axis=1)[..., None]  # 30 x 10, value = row
+    fitted = fit_image(rows, 6, 2).numpy()  # scale 1/5 -> 6 x 2: nothing to crop
+    np.testing.assert_allclose(fitted[1:-1, 0, 0], 5 * np.arange(1, 5) + 2, atol=1e-3)  # edges: filter clamped
+    fitted = fit_image(rows, 4, 4).numpy()  # scale 2/5 -> 12 x 4, rows 4..7 kept
+    np.testing.assert_allclose(fitted[:, 1, 0], 2.5 * np.arange(4, 8) + 0.75, atol=0.02)
 
 
 def test_versions_count_up_and_never_overwrite(encoder, tmp_path):

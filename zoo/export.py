@@ -29,6 +29,8 @@ import uuid
 import keras
 import tensorflow as tf
 
+from zoo.images import fit_image
+
 SERVING_DEFAULT = "serving_default"
 EMBED_BYTES = "embed_bytes"
 IMAGES_KEY = "images"
@@ -72,14 +74,13 @@ def embedding_dim(encoder: keras.Model) -> int:
 
 
 def _decode_images(image_bytes, height, width, channels):
-    """Encoded images [N] -> float32 [N, H, W, C] in [0, 255], exactly the pixels when no resize is needed."""
+    """Encoded images [N] -> float32 [N, H, W, C] in [0, 255]: exactly the pixels when the size
+    matches, else scaled to cover and centre-cropped (`zoo.images.fit_image`, as in training)."""
 
     def decode(data):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-        image = tf.cast(image, tf.float32)
-        same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
-        image = tf.cond(same_size, lambda: image, lambda: tf.image.resize(image, (height, width)))
-        return tf.ensure_shape(image, [height, width, channels])
+        image.set_shape([None, None, channels])
+        return fit_image(image, height, width)
 
     return tf.map_fn(
         decode, image_bytes, fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32)
