@@ -1,6 +1,6 @@
 """Your own images as a dataset: one folder per split, one subfolder per class.
 
-    ROOT/train/<class name>/*.png|jpg|jpeg|bmp|gif
+    ROOT/train/<class name>/*.png|jpg|jpeg|bmp|gif|webp
     ROOT/test/<class name>/...
 
 (the layout of TFDS's `ImageFolder` and Keras's `image_dataset_from_directory`). The
@@ -14,7 +14,7 @@ only the kNN memory and the probe see that name as a class. Label recipes
 
 Class ids are the sorted class names found in *any* split, so a class missing from
 one split keeps the same id in the others. Every image is decoded to `channels`
-(1 or 3; default: the first training image's) and, with `image_size`, scaled so
+(1 or 3; default: the first image's of split `train`) and, with `image_size`, scaled so
 its shorter side is `image_size` and centre-cropped to a square (`zoo.images.fit_image`,
 which the zoo's served signatures apply to the images they are sent); without it every
 image must already have the first one's size. Images are held in memory as uint8,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -34,7 +35,7 @@ import tensorflow as tf
 from zoo.images import fit_image
 
 PREFIX = "folder:"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class FolderDatasetError(ValueError):
@@ -102,8 +103,8 @@ def _decode(path: str, channels: int) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             image = tf.io.decode_image(f.read(), channels=channels, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, OSError) as error:
-        message = getattr(error, "message", str(error)).strip()
+    except (tf.errors.OpError, OSError) as error:  # undecodable, truncated, unreadable
+        message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", getattr(error, "message", str(error))).strip()
         raise FolderDatasetError(f"{path} is not a readable image ({message}). Remove or replace it.") from error
     return image.numpy()
 
@@ -114,8 +115,8 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def image_shape(folder: FolderLayout, image_size: int | None = None, channels: int | None = None):
-    """(H, W, C) the images load at: (image_size, image_size) or the first training image's size;
-    `channels` or the first image's."""
+    """(H, W, C) the images load at: (image_size, image_size) or the size of the first image of
+    split `train` (else of the first split); `channels` or that image's."""
     if channels is not None and channels not in (1, 3):
         raise FolderDatasetError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}.")
     if image_size is not None and image_size < 1:

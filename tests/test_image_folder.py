@@ -94,6 +94,11 @@ def test_bad_folders_and_files_say_what_to_do(tmp_path):
     (tmp_path / "train" / "a" / "3.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(FolderDatasetError, match="3.jpg is not a readable image"):
         data.load_arrays(f"folder:{tmp_path}", "train", image_size=8)
+    (tmp_path / "train" / "a" / "3.jpg").unlink()
+    png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+    (tmp_path / "train" / "a" / "4.png").write_bytes(png[:len(png) // 2])  # cut off mid-file
+    with pytest.raises(FolderDatasetError, match=r"4.png is not a readable image \(Invalid PNG"):
+        data.load_arrays(f"folder:{tmp_path}", "train", image_size=8)
     with pytest.raises(FolderDatasetError, match="--channels must be 1"):
         data.info(f"folder:{tmp_path}", channels=2)
     with pytest.raises(ValueError, match="apply to folder datasets"):
