@@ -62,6 +62,8 @@ HPARAMS = {
     # (benchmarks/dino_teacher_at_init.py).
     "dino": {"output_dim": 4096, "hidden_dim": 2048, "momentum_base": 0.99, "num_local_crops": 0,
              "head_batch_norm": True},
+    # The paper's pretext as is: all four rotations per image, a 512-wide head (not yet benchmarked).
+    "rotnet": {},
 }
 
 

@@ -229,3 +229,16 @@ def dino_loss(student_logits, teacher_logits, center, student_temperature, teach
             total += -tf.reduce_sum(target * log_probs, axis=-1)
             pairs += 1
     return total / pairs
+
+
+def rotation_cross_entropy(logits, rotation_labels):
+    """RotNet's loss (Gidaris et al. 2018): cross-entropy of the rotation classifier.
+
+    Args:
+      logits: [N, 4] scores of the four rotations (0, 90, 180, 270 degrees) per image.
+      rotation_labels: [N] int, the rotation each image was given.
+
+    Returns:
+      [N] per-image losses, -log softmax(logits)[label].
+    """
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(rotation_labels, tf.int32), logits=logits)

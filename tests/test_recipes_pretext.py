@@ -1,0 +1,41 @@
+"""Pretext-task recipes (RotNet): rotations against numpy, distributed equality, learning."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from recipes.base import get_recipe_class
+from recipes.pretext.rotnet import rotate_all
+from tests.distributed_utils import compare_one_vs_two_replicas, float64
+from tests.encoders import small_encoder
+from tests.test_recipes_ssl import _loss_drops_on_fixed_views, _trainables
+
+SHAPE = (16, 16, 1)
+
+
+def test_rotate_all_gives_each_image_at_the_four_quarter_turns():
+    images = np.random.RandomState(0).randint(0, 256, (3, 5, 5, 2)).astype("uint8")
+    rotated, labels = rotate_all(tf.constant(images))
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(4), 3))
+    for k in range(4):  # counter-clockwise, as numpy's rot90 in the (row, column) plane
+        np.testing.assert_array_equal(rotated[3 * k:3 * (k + 1)], np.rot90(images, k, axes=(1, 2)))
+    with pytest.raises(ValueError, match="square images"):
+        rotate_all(tf.zeros((2, 5, 6, 1)))
+
+
+def test_rotnet_one_vs_two_replicas_and_learning():
+    """bn_splits=2 on one device equals 2 replicas only if each BN group holds all four
+    rotations of its own images (a group of one rotation would also leak the label)."""
+    batch = {"image": np.random.RandomState(1).randint(0, 256, (8, *SHAPE)).astype("uint8")}
+    with float64():
+        recipe, _ = compare_one_vs_two_replicas(
+            lambda: get_recipe_class("rotnet")(small_encoder(SHAPE), hidden_dim=16, bn_splits=2), batch,
+            state_fn=_trainables)
+        assert recipe.get_config()["hidden_dim"] == 16
+        _loss_drops_on_fixed_views(recipe, batch)
+
+
+def test_rotnet_head_is_linear_without_hidden_layer_and_has_no_embedding():
+    recipe = get_recipe_class("rotnet")(small_encoder(SHAPE), hidden_dim=0)
+    assert [type(layer).__name__ for layer in recipe.head.layers] == ["Dense"]
+    assert recipe.embedding_head() is None
