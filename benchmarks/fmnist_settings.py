@@ -64,6 +64,9 @@ HPARAMS = {
              "head_batch_norm": True},
     # The paper's pretext as is: all four rotations per image, a 512-wide head (not yet benchmarked).
     "rotnet": {},
+    # As solo-learn's CIFAR SwAV: no local crops, 3000 prototypes, a 3840-row queue (15 batches of 256, the
+    # paper's for batch 256); prototypes frozen for the first epoch (not yet benchmarked).
+    "swav": {"num_local_crops": 0, "queue_size": 3840},
 }
 
 
@@ -80,6 +83,8 @@ def hparams(recipe: str, epochs: int) -> dict:
     if recipe == "dino":  # the paper warms the teacher temperature up over ~30% of training, freezes prototypes 1 epoch
         values["teacher_temperature_warmup_steps"] = int(0.3 * epochs * STEPS_PER_EPOCH)
         values["freeze_last_layer_steps"] = STEPS_PER_EPOCH
+    if recipe == "swav":  # prototypes frozen for the first epoch; the queue fills from then on (paper: epoch 15)
+        values["freeze_prototypes_steps"] = values["queue_start_step"] = STEPS_PER_EPOCH
     return values
 
 

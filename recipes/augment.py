@@ -231,6 +231,11 @@ DINO_GLOBAL_1 = dataclasses.replace(BYOL_VIEW_1, crop_scale=(0.4, 1.0))
 DINO_GLOBAL_2 = dataclasses.replace(BYOL_VIEW_2, crop_scale=(0.4, 1.0))
 DINO_LOCAL = dataclasses.replace(BYOL_VIEW_1, crop_scale=(0.05, 0.4), blur_p=0.5)
 
+# SwAV (Caron et al. 2020, appendix / main_swav.py): SimCLR's colour distortion and blur
+# (p=0.5) on every crop; 2 global crops at scale 0.14-1 and local crops at 0.05-0.14.
+SWAV_GLOBAL = dataclasses.replace(SIMCLR, crop_scale=(0.14, 1.0))
+SWAV_LOCAL = dataclasses.replace(SIMCLR, crop_scale=(0.05, 0.14))
+
 # CPC v2 (Henaff et al. 2019, sec. 4.1) augments every patch independently (colour
 # dropping, flips, small spatial jitter); a mild crop plus jitter/grayscale per patch.
 CPC_PATCH = ViewPolicy(crop_scale=(0.6, 1.0), blur_p=0.0)

@@ -93,6 +93,14 @@ def all_gather(x):
     return gather(x)
 
 
+def all_reduce_sum(x):
+    """`x` summed over replicas, without gradient (for statistics such as Sinkhorn's marginals)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(x))
+
+
 def replica_slice(global_tensor, local_rows):
     """Rows of a globally computed tensor that belong to this replica."""
     start = tf.cast(replica_id(), tf.int32) * local_rows

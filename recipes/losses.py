@@ -242,3 +242,65 @@ def rotation_cross_entropy(logits, rotation_labels):
       [N] per-image losses, -log softmax(logits)[label].
     """
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(rotation_labels, tf.int32), logits=logits)
+
+
+def sinkhorn_knopp(scores, epsilon=0.05, iterations=3, shared_scores=None, sum_over_replicas=None):
+    """SwAV's codes: soft assignments of samples to prototypes with equal prototype usage.
+
+    Caron et al. 2020, sec. 3.1 and Algorithm 1 (after Cuturi 2013; Asano et al. 2020):
+    Q = exp(scores / epsilon) is scaled, alternately, so that every prototype receives
+    1/K of the total mass and every sample 1/N of it, `iterations` times; the result,
+    times N, gives each sample a distribution over the K prototypes.
+
+    Args:
+      scores: [B, K] this replica's samples' scores (cosines with the prototypes).
+      epsilon: entropic regularization (0.05 in the paper; smaller = harder codes).
+      iterations: Sinkhorn iterations (3 in the paper).
+      shared_scores: [L, K] scores of samples every replica holds alike (SwAV's queue), or None.
+      sum_over_replicas: sums a tensor over replicas (`distribute.all_reduce_sum`); None for one device.
+
+    Returns:
+      [B, K] codes of the `scores` rows, each row summing to 1.
+    """
+    reduce_replicas = sum_over_replicas or (lambda x: x)
+    local = tf.exp(tf.stop_gradient(scores) / epsilon)
+    # The shared rows (none without a queue) are on every replica: counted once, not summed over replicas.
+    shared = tf.zeros([0, tf.shape(local)[1]], local.dtype) if shared_scores is None else \
+        tf.exp(tf.stop_gradient(tf.cast(shared_scores, local.dtype)) / epsilon)
+    samples = reduce_replicas(tf.cast(tf.shape(local)[0], local.dtype)) + tf.cast(tf.shape(shared)[0], local.dtype)
+    prototypes = tf.cast(tf.shape(local)[1], local.dtype)
+
+    def mass_per_prototype():
+        return reduce_replicas(tf.reduce_sum(local, axis=0)) + tf.reduce_sum(shared, axis=0)
+
+    total = tf.reduce_sum(mass_per_prototype())
+    local, shared = local / total, shared / total
+    for _ in range(iterations):
+        mass = mass_per_prototype() * prototypes  # each prototype's mass -> 1/K
+        local, shared = local / mass, shared / mass
+        local = local / (tf.reduce_sum(local, axis=1, keepdims=True) * samples)  # each sample's -> 1/N
+        shared = shared / (tf.reduce_sum(shared, axis=1, keepdims=True) * samples)
+    return local * samples
+
+
+def swav_loss(scores, codes, temperature=0.1):
+    """SwAV's swapped prediction (Caron et al. 2020, eq. 1-2).
+
+    The code of each assignment view (the global crops) is predicted from every other
+    view's scores: -sum_k q_i[k] log softmax(s_v / T)[k], averaged over the views v != i
+    and over the assignment views i.
+
+    Args:
+      scores: list of V [B, K] scores (L2-normalized embeddings times normalized prototypes), one per view.
+      codes: list of A [B, K] codes (`sinkhorn_knopp`) of views 0..A-1, A <= V.
+      temperature: T of the softmax over prototypes (0.1).
+
+    Returns:
+      [B] per-example losses.
+    """
+    log_probabilities = [tf.nn.log_softmax(s / temperature, axis=-1) for s in scores]
+    per_view = []
+    for i, q in enumerate(codes):
+        others = [-tf.reduce_sum(q * log_p, axis=-1) for v, log_p in enumerate(log_probabilities) if v != i]
+        per_view.append(tf.add_n(others) / len(others))
+    return tf.add_n(per_view) / len(per_view)

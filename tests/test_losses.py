@@ -131,3 +131,45 @@ def test_rotation_cross_entropy_is_minus_log_softmax_of_the_given_rotation():
     expected = [-_log_softmax_at(logits[i], labels[i]) for i in range(8)]
     got = losses.rotation_cross_entropy(tf.constant(logits, tf.float32), tf.constant(labels)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def _sinkhorn_reference(scores, epsilon, iterations):
+    """The paper's Algorithm 1 as written, prototypes x samples, one device."""
+    q = np.exp(scores / epsilon).T  # K x N
+    q /= q.sum()
+    k, n = q.shape
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= n
+    return (q * n).T
+
+
+def test_sinkhorn_knopp_matches_the_papers_algorithm_and_shares_prototypes_out():
+    rng = _rng(8)
+    scores = np.tanh(rng.randn(12, 5))  # cosines
+    got = losses.sinkhorn_knopp(tf.constant(scores), epsilon=0.05, iterations=3).numpy()
+    np.testing.assert_allclose(got, _sinkhorn_reference(scores, 0.05, 3), rtol=1e-6)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-6)
+    # converged, every prototype takes 1/K of the batch (the equipartition that prevents collapse)
+    converged = losses.sinkhorn_knopp(tf.constant(scores), epsilon=0.05, iterations=200).numpy()
+    np.testing.assert_allclose(converged.sum(axis=0), 12 / 5, rtol=1e-4)
+    # shared rows (a queue) are samples too, whose codes are not returned
+    queue = np.tanh(rng.randn(8, 5))
+    with_queue = losses.sinkhorn_knopp(tf.constant(scores), 0.05, 3, shared_scores=tf.constant(queue)).numpy()
+    np.testing.assert_allclose(with_queue, _sinkhorn_reference(np.concatenate([queue, scores]), 0.05, 3)[8:],
+                               rtol=1e-6)
+
+
+def test_swav_loss_predicts_each_global_views_code_from_every_other_view():
+    rng = _rng(9)
+    scores = [np.tanh(rng.randn(4, 6)) for _ in range(4)]  # 2 global + 2 local views
+    codes = [rng.dirichlet(np.ones(6), 4) for _ in range(2)]
+    expected = np.zeros(4)
+    for i in range(2):
+        for b in range(4):
+            expected[b] += np.mean([-sum(codes[i][b, k] * _log_softmax_at(scores[v][b] / 0.1, k) for k in range(6))
+                                    for v in range(4) if v != i]) / 2
+    got = losses.swav_loss([tf.constant(s) for s in scores], [tf.constant(c) for c in codes], 0.1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
