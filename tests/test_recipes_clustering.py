@@ -19,22 +19,16 @@ def _images(n=16, seed=0):
     return np.random.RandomState(seed).randint(0, 256, (n, *SHAPE)).astype("uint8")
 
 
-def test_swav_one_vs_two_replicas_with_the_queue_in_use():
+def test_swav_one_vs_two_replicas_with_the_queue_in_use_and_frozen_prototypes():
     """queue_start_step=-2: the 32-row queue counts as full from step 0, so the Sinkhorn sums
     mix shared queue rows (counted once) with each replica's batch rows (summed over replicas)."""
     with float64():
         recipe, _ = compare_one_vs_two_replicas(
-            _swav(queue_size=32, queue_start_step=-2), {"image": _images(16)},
+            _swav(queue_size=32, queue_start_step=-2, freeze_prototypes_steps=5), {"image": _images(16)},
             state_fn=lambda r: [q.keys.value for q in r.queues] + [r.prototypes.kernel.value] + _trainables(r))
     keys = recipe.queues[0].keys.numpy()
     np.testing.assert_allclose(np.linalg.norm(keys[:16], axis=1), 1.0, rtol=1e-6)  # this step's embeddings
-
-
-def test_swav_prototypes_are_unit_norm_and_frozen_at_the_start():
-    with float64():
-        recipe, _ = compare_one_vs_two_replicas(_swav(freeze_prototypes_steps=5), {"image": _images(16)},
-                                                state_fn=_trainables)
-    # one step was taken: the kernel was normalized before it and not moved by it
+    # one step was taken: the prototypes were normalized before it and, frozen, not moved by it
     np.testing.assert_allclose(np.linalg.norm(recipe.prototypes.kernel.numpy(), axis=0), 1.0, rtol=1e-9)
 
 
