@@ -26,6 +26,8 @@ the cosine schedule raises m toward 1 from there). Anything not listed is the pa
 """
 
 BACKBONE, WIDTH = "resnet18_small", 0.25
+# Recipes that need another encoder family: MAE masks a ViT's patches (4-px patches: 49 tokens of 28 px).
+BACKBONE_OVERRIDES = {"mae": "vit_tiny_p4"}
 BUDGET_RECIPE, BUDGET_EPOCHS = "moco", 45
 OPTIMIZER = {"optimizer": "sgd", "lr": "0.06", "weight_decay": "5e-4", "batch_size": "256"}  # recipes.train flags
 OPTIMIZER_OVERRIDES = {
@@ -64,10 +66,17 @@ HPARAMS = {
              "head_batch_norm": True},
     # The paper's pretext as is: all four rotations per image, a 512-wide head (not yet benchmarked).
     "rotnet": {},
+    # The paper's mask ratio 0.75 and normalized-pixel target; a 2-block, 128-d decoder (not yet benchmarked).
+    "mae": {},
     # As solo-learn's CIFAR SwAV: no local crops, 3000 prototypes, a 3840-row queue (15 batches of 256, the
     # paper's for batch 256); prototypes frozen for the first epoch (not yet benchmarked).
     "swav": {"num_local_crops": 0, "queue_size": 3840},
 }
+
+
+def backbone(recipe: str) -> str:
+    """The encoder `recipe` trains in the quality runs: BACKBONE, unless it needs another family."""
+    return BACKBONE_OVERRIDES.get(recipe, BACKBONE)
 
 
 def optimizer_flags(recipe: str) -> list:

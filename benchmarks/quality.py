@@ -27,7 +27,6 @@ from absl import app, flags
 
 import fmnist_settings
 import quality_table
-from fmnist_settings import BACKBONE
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", "moco", "Recipe to benchmark.")
@@ -76,7 +75,8 @@ def train_recipe(run_dir):
     if fmnist_settings.hparams(FLAGS.recipe, epochs):
         settings.append(fmnist_settings.hparams_flag(FLAGS.recipe, epochs))
     command = [sys.executable, "-m", "recipes.train", f"--recipe={FLAGS.recipe}", "--dataset=fashion_mnist",
-               f"--backbone={BACKBONE}", f"--width={FLAGS.width}", f"--epochs={epochs}", f"--seed={FLAGS.seed}",
+               f"--backbone={fmnist_settings.backbone(FLAGS.recipe)}", f"--width={FLAGS.width}", f"--epochs={epochs}",
+               f"--seed={FLAGS.seed}",
                f"--model_dir={run_dir}", "--knn_every=5", "--verbose=2", f"--probe_epochs={FLAGS.probe_epochs}",
                *settings, *FLAGS.train_args]
     print(" ".join(command[1:]), flush=True)
@@ -92,7 +92,7 @@ def supervised_encoder(train_x, train_y, epochs, seed):
     from zoo import backbones
 
     keras.utils.set_random_seed(seed)
-    encoder = backbones.build(BACKBONE, train_x.shape[1:], FLAGS.width)
+    encoder = backbones.build(fmnist_settings.backbone(FLAGS.recipe), train_x.shape[1:], FLAGS.width)
     policy = ViewPolicy(crop_scale=(0.6, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
     batch = 256
     steps = len(train_x) // batch
@@ -182,7 +182,7 @@ def baseline_rows(train_x, train_y, test_x, test_y, protocol):
     from recipes import evaluate
     from zoo import backbones
 
-    key = (f"{BACKBONE} width={FLAGS.width:g} seed={FLAGS.seed} probe_epochs={FLAGS.probe_epochs} "
+    key = (f"{fmnist_settings.backbone(FLAGS.recipe)} width={FLAGS.width:g} seed={FLAGS.seed} probe_epochs={FLAGS.probe_epochs} "
            f"supervised_epochs={FLAGS.supervised_epochs}")
     path = os.path.join(FLAGS.out_dir, "quality_baselines.json")
     cache = {}
@@ -197,7 +197,7 @@ def baseline_rows(train_x, train_y, test_x, test_y, protocol):
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
     rows["raw pixels"] = evaluate_features("raw pixels", flat(train_x), train_y, flat(test_x), test_y, protocol)
     keras.utils.set_random_seed(FLAGS.seed)
-    random_encoder = backbones.build(BACKBONE, train_x.shape[1:], FLAGS.width)
+    random_encoder = backbones.build(fmnist_settings.backbone(FLAGS.recipe), train_x.shape[1:], FLAGS.width)
     extract = evaluate.feature_extractor(random_encoder)
     rows["random init"] = evaluate_features("random init", extract(train_x), train_y, extract(test_x), test_y,
                                             protocol)
@@ -251,7 +251,7 @@ def main(argv):
     if FLAGS.pictures:
         save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
     measured = measured_throughput()
-    result = {"recipe": FLAGS.recipe, "backbone": BACKBONE, "width": FLAGS.width, "run": run, "rows": rows,
+    result = {"recipe": FLAGS.recipe, "backbone": fmnist_settings.backbone(FLAGS.recipe), "width": FLAGS.width, "run": run, "rows": rows,
               "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
               "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
               "throughput": {"file": FLAGS.throughput, "images_per_sec": measured.get(FLAGS.recipe),

@@ -58,6 +58,8 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
     total = FLAGS.warmup + FLAGS.steps
     keras.utils.set_random_seed(FLAGS.seed)
     with strategy.scope():
+        if FLAGS.settings == "fmnist":  # the quality runs' encoder (MAE's is a ViT)
+            backbone = fmnist_settings.backbone(recipe_name)
         encoder = backbones.build(backbone, shape, FLAGS.width, norm=norm)
         hparams = fmnist_settings.hparams(recipe_name, epochs=1) if FLAGS.settings == "fmnist" else {}
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total, num_examples=batch_size * 4)

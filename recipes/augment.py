@@ -236,6 +236,9 @@ DINO_LOCAL = dataclasses.replace(BYOL_VIEW_1, crop_scale=(0.05, 0.4), blur_p=0.5
 SWAV_GLOBAL = dataclasses.replace(SIMCLR, crop_scale=(0.14, 1.0))
 SWAV_LOCAL = dataclasses.replace(SIMCLR, crop_scale=(0.05, 0.14))
 
+# MAE (He et al. 2022, appendix A.1): random resized crop at scale 0.2-1 and flip, nothing else.
+MAE_VIEW = ViewPolicy(crop_scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+
 # CPC v2 (Henaff et al. 2019, sec. 4.1) augments every patch independently (colour
 # dropping, flips, small spatial jitter); a mild crop plus jitter/grayscale per patch.
 CPC_PATCH = ViewPolicy(crop_scale=(0.6, 1.0), blur_p=0.0)

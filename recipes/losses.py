@@ -304,3 +304,28 @@ def swav_loss(scores, codes, temperature=0.1):
         others = [-tf.reduce_sum(q * log_p, axis=-1) for v, log_p in enumerate(log_probabilities) if v != i]
         per_view.append(tf.add_n(others) / len(others))
     return tf.add_n(per_view) / len(per_view)
+
+
+def masked_patch_mse(predictions, target_patches, mask, normalize_targets=True):
+    """MAE's reconstruction loss (He et al. 2022, sec. 3): mean squared error on masked patches.
+
+    Args:
+      predictions: [B, N, P] predicted pixels of every patch.
+      target_patches: [B, N, P] the patches' pixels.
+      mask: [B, N], 1 for a masked (hidden) patch, 0 for a visible one: only masked ones count.
+      normalize_targets: normalize each target patch by its own mean and (unbiased) variance,
+        the paper's "normalized pixels" target (`norm_pix_loss` in its code), which it found
+        gives better features.
+
+    Returns:
+      [B] per-image losses: the mean over the image's masked patches of the per-pixel MSE.
+    """
+    targets = tf.cast(target_patches, predictions.dtype)
+    if normalize_targets:
+        pixels = tf.cast(tf.shape(targets)[-1], targets.dtype)
+        mean = tf.reduce_mean(targets, axis=-1, keepdims=True)
+        variance = tf.reduce_sum(tf.square(targets - mean), axis=-1, keepdims=True) / (pixels - 1.0)
+        targets = (targets - mean) / tf.sqrt(variance + 1e-6)
+    per_patch = tf.reduce_mean(tf.square(predictions - targets), axis=-1)
+    mask = tf.cast(mask, predictions.dtype)
+    return tf.reduce_sum(per_patch * mask, axis=1) / tf.reduce_sum(mask, axis=1)

@@ -26,7 +26,7 @@ def test_every_self_supervised_recipe_has_settings():
 
 @pytest.mark.parametrize("recipe", sorted(fmnist_settings.HPARAMS))
 def test_settings_build_the_recipe(recipe):
-    encoder = backbones.build(fmnist_settings.BACKBONE, (28, 28, 1), fmnist_settings.WIDTH)
+    encoder = backbones.build(fmnist_settings.backbone(recipe), (28, 28, 1), fmnist_settings.WIDTH)
     hparams = fmnist_settings.hparams(recipe, epochs=4)
     model = build_recipe(get_recipe_class(recipe), encoder, hparams, seed=0, total_steps=40, num_examples=600)
     config = model.get_config()

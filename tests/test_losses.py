@@ -173,3 +173,23 @@ def test_swav_loss_predicts_each_global_views_code_from_every_other_view():
                                     for v in range(4) if v != i]) / 2
     got = losses.swav_loss([tf.constant(s) for s in scores], [tf.constant(c) for c in codes], 0.1).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_masked_patch_mse_counts_hidden_patches_against_normalized_pixels():
+    rng = _rng(10)
+    predictions, targets = rng.randn(2, 5, 6), rng.rand(2, 5, 6) * 255
+    mask = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 1, 1]], float)
+    expected = np.zeros(2)
+    for b in range(2):
+        errors = []
+        for n in range(5):
+            if mask[b, n]:
+                t = targets[b, n]
+                t = (t - t.mean()) / np.sqrt(t.var(ddof=1) + 1e-6)  # unbiased, as torch's .var()
+                errors.append(np.mean((predictions[b, n] - t) ** 2))
+        expected[b] = np.mean(errors)
+    got = losses.masked_patch_mse(tf.constant(predictions), tf.constant(targets), tf.constant(mask)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    raw = losses.masked_patch_mse(tf.constant(predictions), tf.constant(targets), tf.constant(mask),
+                                  normalize_targets=False).numpy()
+    np.testing.assert_allclose(raw[1], np.mean((predictions[1, 3:] - targets[1, 3:]) ** 2), rtol=1e-6)

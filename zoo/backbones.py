@@ -1,5 +1,6 @@
 """Named image encoders, built from code with no downloads.
 
+Vision Transformers (`vit_*`, zoo/vit.py) for masked image modelling; and
 ResNet-18/50 (He et al. 2016, "Deep Residual Learning for Image Recognition") in two
 stems: the ImageNet stem (7x7/2 convolution + 3x3/2 max-pool) for 96 px and larger
 inputs, and the small-image stem (one 3x3/1 convolution, no max-pool) that CIFAR-style
@@ -18,6 +19,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from zoo import vit  # the ViT encoders; importing registers their layers, so saved ViTs load
+
 # BatchNorm settings of the reference PyTorch ResNets (momentum 0.1 there = 0.9 here).
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -25,7 +28,8 @@ _BN = dict(momentum=0.9, epsilon=1e-5)
 _DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
 _STEMS = ("imagenet", "small")
 
-BACKBONES = ("resnet18", "resnet50", "resnet18_small", "resnet50_small")
+BACKBONES = ("resnet18", "resnet50", "resnet18_small", "resnet50_small",
+             "vit_tiny_p4", "vit_small_p4", "vit_tiny_p16", "vit_small_p16")  # ViTs: zoo/vit.py
 
 # Normalization after each convolution. "batch": BatchNorm, the ResNet default. "layer":
 # each example normalized over its own H x W x C with per-channel scale and offset
@@ -156,7 +160,8 @@ def _parse(name: str) -> tuple[str, str]:
     return depth, stem or "imagenet"
 
 
-def build(name: str, input_shape, width: float = 1.0, mean=None, std=None, norm: str = "batch") -> keras.Model:
+def build(name: str, input_shape, width: float = 1.0, mean=None, std=None, norm: str = "batch",
+          depth: int | None = None) -> keras.Model:
     """Builds the named encoder.
 
     Args:
@@ -167,7 +172,8 @@ def build(name: str, input_shape, width: float = 1.0, mean=None, std=None, norm:
       mean, std: per-image-channel normalization statistics in [0, 1] units; scalars or
         length-C lists. Defaults map [0, 255] to roughly [-2, 2].
       norm: "batch" (BatchNorm) or "layer" (per-example normalization, see `NORMS`);
-        a layer-norm encoder's name ends in "_ln".
+        a layer-norm encoder's name ends in "_ln". ResNets only: ViTs use LayerNorm.
+      depth: ViTs only, Transformer blocks (default 12).
 
     Returns:
       A `keras.Model` from images (N, H, W, C) in [0, 255] to features (N, D).
@@ -177,7 +183,8 @@ def build(name: str, input_shape, width: float = 1.0, mean=None, std=None, norm:
       >>> encoder.output_shape
       (None, 128)
     """
-    depth, stem = _parse(name)
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}. Valid backbones: {', '.join(BACKBONES)}.")
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}.")
     if norm not in NORMS:
@@ -185,13 +192,18 @@ def build(name: str, input_shape, width: float = 1.0, mean=None, std=None, norm:
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {input_shape}.")
-    block_kind, blocks_per_stage = _DEPTHS[depth]
+    normalization = ImageNormalization(mean=0.5 if mean is None else mean, std=0.25 if std is None else std,
+                                       name="normalize")
+    if name.startswith("vit_"):
+        return vit.build_vit(name, input_shape, width, normalization, depth)
+    if depth is not None:
+        raise ValueError(f"depth applies to ViTs; {name} has a fixed depth.")
+    resnet_depth, stem = _parse(name)
+    block_kind, blocks_per_stage = _DEPTHS[resnet_depth]
     block = _basic_block if block_kind == "basic" else _bottleneck_block
 
     images = keras.Input(shape=input_shape, name="images")
-    x = ImageNormalization(
-        mean=0.5 if mean is None else mean, std=0.25 if std is None else std, name="normalize"
-    )(images)
+    x = normalization(images)
     stem_filters = max(8, int(round(64 * width)))
     if stem == "small":
         x = _conv_norm(x, stem_filters, 3, 1, "stem", norm)
