@@ -66,6 +66,11 @@ HPARAMS = {
              "head_batch_norm": True},
     # The paper's pretext as is: all four rotations per image, a 512-wide head (not yet benchmarked).
     "rotnet": {},
+    # 100 permutations (the paper's table 3: nearly as good as 1000) and heads sized for 7-px tiles of 128-d
+    # features (not yet benchmarked).
+    "jigsaw": {"num_permutations": 100, "tile_dim": 128, "hidden_dim": 1024},
+    # Heads sized for 7-px tiles of 128-d features (not yet benchmarked).
+    "context": {"tile_dim": 128, "hidden_dim": 512},
     # The paper's mask ratio 0.75 and normalized-pixel target; a 2-block, 128-d decoder (not yet benchmarked).
     "mae": {},
     # As solo-learn's CIFAR SwAV: no local crops, 3000 prototypes, a 3840-row queue (15 batches of 256, the

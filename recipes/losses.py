@@ -231,17 +231,21 @@ def dino_loss(student_logits, teacher_logits, center, student_temperature, teach
     return total / pairs
 
 
-def rotation_cross_entropy(logits, rotation_labels):
-    """RotNet's loss (Gidaris et al. 2018): cross-entropy of the rotation classifier.
+def pretext_cross_entropy(logits, labels):
+    """The loss of the classification pretext tasks: cross-entropy of the task's classes.
+
+    RotNet (Gidaris et al. 2018): which of 4 rotations; jigsaw (Noroozi & Favaro 2016):
+    which of P tile permutations; relative position (Doersch et al. 2015): which of 8
+    neighbouring places.
 
     Args:
-      logits: [N, 4] scores of the four rotations (0, 90, 180, 270 degrees) per image.
-      rotation_labels: [N] int, the rotation each image was given.
+      logits: [N, K] class scores.
+      labels: [N] int, the true class (the transformation the input was given).
 
     Returns:
-      [N] per-image losses, -log softmax(logits)[label].
+      [N] per-example losses, -log softmax(logits)[label].
     """
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(rotation_labels, tf.int32), logits=logits)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
 
 
 def sinkhorn_knopp(scores, epsilon=0.05, iterations=3, shared_scores=None, sum_over_replicas=None):

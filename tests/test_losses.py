@@ -125,11 +125,11 @@ def test_dino_loss_averages_cross_entropies_over_pairs_of_different_views():
     np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
-def test_rotation_cross_entropy_is_minus_log_softmax_of_the_given_rotation():
+def test_pretext_cross_entropy_is_minus_log_softmax_of_the_true_class():
     rng = _rng(7)
     logits, labels = rng.randn(8, 4) * 3, rng.randint(0, 4, 8)
     expected = [-_log_softmax_at(logits[i], labels[i]) for i in range(8)]
-    got = losses.rotation_cross_entropy(tf.constant(logits, tf.float32), tf.constant(labels)).numpy()
+    got = losses.pretext_cross_entropy(tf.constant(logits, tf.float32), tf.constant(labels)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 

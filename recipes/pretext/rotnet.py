@@ -6,7 +6,7 @@ Image Rotations" (ICLR).
 Every image of the batch is shown in all four rotations, 0, 90, 180 and 270 degrees,
 in the same step (the paper found this better than one random rotation per image), and
 the network classifies the rotation with a 4-way softmax; the loss is the cross-entropy
-averaged over the 4B rotated images (`recipes.losses.rotation_cross_entropy`). To tell
+averaged over the 4B rotated images (`recipes.losses.pretext_cross_entropy`). To tell
 an upright shoe from one upside down the encoder has to find the shoe and its parts:
 the pretext task needs no labels but does need the object.
 
@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from recipes.base import Recipe, register
 from recipes.heads import mlp
-from recipes.losses import rotation_cross_entropy
+from recipes.losses import pretext_cross_entropy
 from recipes.semi.randaugment import weak_view
 
 NUM_ROTATIONS = 4
@@ -94,7 +94,7 @@ class RotNet(Recipe):
         global_batch = self.global_batch(images)
         views = weak_view(images, self.step_seed(1), global_batch, self.translate)
         logits, labels = self.rotation_logits(views)
-        losses = rotation_cross_entropy(logits, labels)
+        losses = pretext_cross_entropy(logits, labels)
         hits = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32)
         self.accuracy_tracker.update_state(hits)
         return tf.reduce_sum(losses) / (NUM_ROTATIONS * global_batch), {}
