@@ -71,6 +71,8 @@ HPARAMS = {
     "jigsaw": {"num_permutations": 100, "tile_dim": 128, "hidden_dim": 1024},
     # Heads sized for 7-px tiles of 128-d features (not yet benchmarked).
     "context": {"tile_dim": 128, "hidden_dim": 512},
+    # The paper's margin 10 and 1000 counts on 14-px tiles (not yet benchmarked).
+    "counting": {},
     # The paper's mask ratio 0.75 and normalized-pixel target; a 2-block, 128-d decoder (not yet benchmarked).
     "mae": {},
     # As solo-learn's CIFAR SwAV: no local crops, 3000 prototypes, a 3840-row queue (15 batches of 256, the

@@ -333,3 +333,25 @@ def masked_patch_mse(predictions, target_patches, mask, normalize_targets=True):
     per_patch = tf.reduce_mean(tf.square(predictions - targets), axis=-1)
     mask = tf.cast(mask, predictions.dtype)
     return tf.reduce_sum(per_patch * mask, axis=1) / tf.reduce_sum(mask, axis=1)
+
+
+def counting_loss(whole, tiles_sum, other_whole, margin=10.0):
+    """Learning to count (Noroozi, Pirsiavash, Favaro 2017, eq. 4).
+
+    The "counts" of visual primitives in an image equal the sum of those in its tiles:
+        |phi(D x) - sum_j phi(T_j x)|^2 + max(0, M - |phi(D y) - sum_j phi(T_j x)|^2),
+    where D downsamples, T_j cuts the j-th tile, and y is another image, whose counts must
+    differ (the contrastive term that rules out phi = 0).
+
+    Args:
+      whole: [B, D] counts of the downsampled images phi(D x).
+      tiles_sum: [B, D] summed counts of their tiles.
+      other_whole: [B, D] counts of other downsampled images phi(D y).
+      margin: M (10 in the paper).
+
+    Returns:
+      [B] per-example losses.
+    """
+    match = tf.reduce_sum(tf.square(whole - tiles_sum), axis=-1)
+    mismatch = tf.reduce_sum(tf.square(other_whole - tiles_sum), axis=-1)
+    return match + tf.nn.relu(margin - mismatch)

@@ -193,3 +193,12 @@ def test_masked_patch_mse_counts_hidden_patches_against_normalized_pixels():
     raw = losses.masked_patch_mse(tf.constant(predictions), tf.constant(targets), tf.constant(mask),
                                   normalize_targets=False).numpy()
     np.testing.assert_allclose(raw[1], np.mean((predictions[1, 3:] - targets[1, 3:]) ** 2), rtol=1e-6)
+
+
+def test_counting_loss_matches_tiles_and_pushes_other_images_past_the_margin():
+    rng = _rng(11)
+    whole, tiles_sum, other = (np.abs(rng.randn(5, 7)) for _ in range(3))
+    expected = [np.sum((whole[b] - tiles_sum[b]) ** 2) + max(0.0, 10.0 - np.sum((other[b] - tiles_sum[b]) ** 2))
+                for b in range(5)]
+    got = losses.counting_loss(tf.constant(whole), tf.constant(tiles_sum), tf.constant(other), 10.0).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

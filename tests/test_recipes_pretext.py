@@ -39,3 +39,24 @@ def test_rotnet_head_is_linear_without_hidden_layer_and_has_no_embedding():
     recipe = get_recipe_class("rotnet")(small_encoder(SHAPE), hidden_dim=0)
     assert [type(layer).__name__ for layer in recipe.head.layers] == ["Dense"]
     assert recipe.embedding_head() is None
+
+
+def test_counting_tiles_and_downsampling_against_numpy():
+    from recipes.pretext.counting import downsample, tiles_2x2
+
+    images = np.random.RandomState(2).rand(2, 4, 4, 1)
+    tiles = tiles_2x2(tf.constant(images)).numpy()
+    np.testing.assert_array_equal(tiles[1, 2], images[1, 2:, :2])  # bottom-left
+    area = images.reshape(2, 2, 2, 2, 2, 1).mean(axis=(2, 4))
+    down = downsample(tf.constant(images), tf.constant([True, False])).numpy()
+    np.testing.assert_allclose(down[0], area[0])
+    np.testing.assert_allclose(down[1], tf.image.resize(images[1:], (2, 2), "bilinear")[0])
+
+
+def test_counting_one_vs_two_replicas_and_learning():
+    batch = {"image": np.random.RandomState(3).randint(0, 256, (8, *SHAPE)).astype("uint8")}
+    with float64():
+        recipe, _ = compare_one_vs_two_replicas(
+            lambda: get_recipe_class("counting")(small_encoder(SHAPE), count_dim=16, bn_splits=2), batch,
+            state_fn=_trainables)
+        _loss_drops_on_fixed_views(recipe, batch)
