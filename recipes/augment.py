@@ -79,6 +79,15 @@ def updated_policies(defaults: list, overrides) -> list:
     return [default.updated(override) for default, override in zip(defaults, overrides)]
 
 
+def named_view_policies(defaults: dict, overrides, recipe: str) -> dict:
+    """Policies of named views (multi-crop's "global", "local", ...): `overrides` (None, or
+    {view name: fields to change}) applied to `defaults`; an unknown view name is refused."""
+    unknown = sorted(set(overrides or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown {recipe} view(s) {unknown} in view_policies. Known: {', '.join(defaults)}.")
+    return {name: policy.updated((overrides or {}).get(name, {})) for name, policy in defaults.items()}
+
+
 class GlobalDraws:
     """Per-image random numbers drawn for the global batch, sliced to this replica.
 

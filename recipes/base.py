@@ -128,6 +128,16 @@ class Recipe(keras.Model):
                     values.append(m * w_target.value + (1.0 - m) * w_online.value)
         distribute.assign_synced(targets, values)
 
+    def frozen_until(self, gradients, layer, steps: int):
+        """`gradients` (of `optimized_variables`) with `layer`'s zeroed before optimizer step
+        `steps`: DINO's last layer and SwAV's prototypes stay still at the start of training."""
+        if steps <= 0:
+            return gradients
+        frozen = {id(v) for v in layer.trainable_variables}
+        keep = self.optimizer.iterations >= steps
+        return [g * tf.cast(keep, g.dtype) if id(v) in frozen else g
+                for g, v in zip(gradients, self.optimized_variables)]
+
     def embedding_head(self):
         """Encoder features -> the embedding the loss compares (MoCo's 128-d projection), or None.
 

@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import SWAV_GLOBAL, SWAV_LOCAL, random_view
+from recipes.augment import SWAV_GLOBAL, SWAV_LOCAL, named_view_policies, random_view
 from recipes.base import FeatureQueue, Recipe, register
 from recipes.heads import at_input_shape, mlp
 from recipes.losses import l2_normalize, sinkhorn_knopp, swav_loss
@@ -77,11 +77,7 @@ class SwAV(Recipe):
         self.queue_size = int(queue_size)
         self.queue_start_step = int(queue_start_step)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        policies = {"global": SWAV_GLOBAL, "local": SWAV_LOCAL}
-        unknown = sorted(set(view_policies or {}) - set(policies))
-        if unknown:
-            raise ValueError(f"Unknown SwAV view(s) {unknown} in view_policies. Known: {', '.join(policies)}.")
-        self.view_policies = {k: policy.updated((view_policies or {}).get(k, {})) for k, policy in policies.items()}
+        self.view_policies = named_view_policies({"global": SWAV_GLOBAL, "local": SWAV_LOCAL}, view_policies, "SwAV")
 
         self.head = mlp(self.hidden_dim, self.projection_dim, batch_norm=True, name="projection_head")
         self.head.build((None, encoder.output_shape[-1]))
@@ -144,12 +140,7 @@ class SwAV(Recipe):
 
     def loss_and_gradients(self, data):
         loss, gradients, state = super().loss_and_gradients(data)
-        if self.freeze_prototypes_steps > 0:
-            frozen = {id(v) for v in self.prototypes.trainable_variables}
-            keep = self.optimizer.iterations >= self.freeze_prototypes_steps
-            gradients = [g * tf.cast(keep, g.dtype) if id(v) in frozen else g
-                         for g, v in zip(gradients, self.optimized_variables)]
-        return loss, gradients, state
+        return loss, self.frozen_until(gradients, self.prototypes, self.freeze_prototypes_steps), state
 
     def after_update(self, data, state):
         """Enqueues this step's global-crop embeddings (the rows a full queue holds are the

@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, random_view
+from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, named_view_policies, random_view
 from recipes.base import Recipe, copy_as_target, register
 from recipes.distillation.byol import cosine_momentum
 from recipes.heads import at_input_shape, dino_head
@@ -105,11 +105,8 @@ class DINO(Recipe):
         self.norm_last_layer = bool(norm_last_layer)
         self.head_batch_norm = bool(head_batch_norm)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        policies = {"global_1": DINO_GLOBAL_1, "global_2": DINO_GLOBAL_2, "local": DINO_LOCAL}
-        unknown = sorted(set(view_policies or {}) - set(policies))
-        if unknown:
-            raise ValueError(f"Unknown DINO view(s) {unknown} in view_policies. Known: {', '.join(policies)}.")
-        self.view_policies = {k: policy.updated((view_policies or {}).get(k, {})) for k, policy in policies.items()}
+        self.view_policies = named_view_policies(
+            {"global_1": DINO_GLOBAL_1, "global_2": DINO_GLOBAL_2, "local": DINO_LOCAL}, view_policies, "DINO")
 
         self.head = dino_head(self.output_dim, self.hidden_dim, self.bottleneck_dim,
                               norm_last_layer=self.norm_last_layer, batch_norm=self.head_batch_norm,
@@ -171,12 +168,7 @@ class DINO(Recipe):
 
     def loss_and_gradients(self, data):
         loss, gradients, state = super().loss_and_gradients(data)
-        if self.freeze_last_layer_steps > 0:
-            frozen = {id(v) for v in self.head.layers[-1].trainable_variables}
-            keep = self.optimizer.iterations >= self.freeze_last_layer_steps
-            gradients = [g * tf.cast(keep, g.dtype) if id(v) in frozen else g
-                         for g, v in zip(gradients, self.optimized_variables)]
-        return loss, gradients, state
+        return loss, self.frozen_until(gradients, self.head.layers[-1], self.freeze_last_layer_steps), state
 
     def after_update(self, data, state):
         tau = cosine_momentum(self.optimizer.iterations - 1, self.momentum_base, self.total_steps)

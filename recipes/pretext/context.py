@@ -21,9 +21,8 @@ import tensorflow as tf
 from recipes import distribute
 from recipes.augment import gray
 from recipes.base import Recipe, register
-from recipes.heads import at_input_shape
 from recipes.losses import pretext_cross_entropy
-from recipes.pretext.tiles import GRID, grid_tiles, tile_geometry
+from recipes.pretext.tiles import GRID, TileSetClassifier, grid_tiles, tile_encoder
 
 CENTRE = GRID * GRID // 2
 NEIGHBOURS = [place for place in range(GRID * GRID) if place != CENTRE]  # class k = NEIGHBOURS[k]
@@ -54,18 +53,8 @@ class ContextPrediction(Recipe):
         self.tile_dim, self.hidden_dim = int(tile_dim), int(hidden_dim)
         self.grayscale_p = float(grayscale_p)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
-        height, width, channels = encoder.input_shape[1:]
-        if height != width:
-            raise ValueError(f"Context prediction cuts a square grid; the encoder takes {height}x{width} images.")
-        _, tile = tile_geometry(height)
-        self.tile_encoder = at_input_shape(encoder, (tile, tile, channels))
-        self.fc6 = keras.Sequential([keras.layers.Dense(self.tile_dim, use_bias=False), keras.layers.BatchNormalization(),
-                                     keras.layers.ReLU()], name="fc6")
-        self.fc6.build((None, encoder.output_shape[-1]))
-        self.classifier = keras.Sequential([keras.layers.Dense(self.hidden_dim, use_bias=False),
-                                            keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                                            keras.layers.Dense(len(NEIGHBOURS))], name="fc7_fc8")
-        self.classifier.build((None, 2 * self.tile_dim))
+        self.network = TileSetClassifier(tile_encoder(encoder, "Context prediction"), 2, self.tile_dim,
+                                         self.hidden_dim, len(NEIGHBOURS), name="pair_network")
         self.accuracy_tracker = keras.metrics.Mean(name="position_acc")
 
     def get_config(self):
@@ -78,14 +67,7 @@ class ContextPrediction(Recipe):
 
     def position_logits(self, pairs, training=True):
         """[B, 2, t, t, C] (centre, neighbour) tiles -> [B, 8] logits of the neighbour's place."""
-
-        def locate(pair, training):
-            rows = tf.shape(pair)[0]
-            per_tile = self.fc6(self.tile_encoder(tf.reshape(pair, [-1, *pair.shape[2:]]), training=training),
-                                training=training)
-            return self.classifier(tf.reshape(per_tile, [rows, 2 * self.tile_dim]), training=training)
-
-        return self.encode_in_groups(locate, pairs, self.bn_splits or self.num_replicas, training=training)
+        return self.encode_in_groups(self.network, pairs, self.bn_splits or self.num_replicas, training=training)
 
     def loss_terms(self, data):
         images = data["image"]

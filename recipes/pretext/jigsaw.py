@@ -27,9 +27,8 @@ import tensorflow as tf
 
 from recipes import distribute
 from recipes.base import Recipe, register
-from recipes.heads import at_input_shape
 from recipes.losses import pretext_cross_entropy
-from recipes.pretext.tiles import GRID, grid_tiles, standardize_tiles, tile_geometry
+from recipes.pretext.tiles import GRID, TileSetClassifier, grid_tiles, standardize_tiles, tile_encoder
 
 NUM_TILES = GRID * GRID
 
@@ -79,18 +78,8 @@ class Jigsaw(Recipe):
         self.tile_dim, self.hidden_dim = int(tile_dim), int(hidden_dim)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
         self.permutations = tf.constant(permutation_set(self.num_permutations, self.permutation_seed))
-        height, width, channels = encoder.input_shape[1:]
-        if height != width:
-            raise ValueError(f"Jigsaw cuts a square grid; the encoder takes {height}x{width} images.")
-        _, tile = tile_geometry(height)
-        self.tile_encoder = at_input_shape(encoder, (tile, tile, channels))
-        self.fc6 = keras.Sequential([keras.layers.Dense(self.tile_dim, use_bias=False), keras.layers.BatchNormalization(),
-                                     keras.layers.ReLU()], name="fc6")
-        self.fc6.build((None, encoder.output_shape[-1]))
-        self.classifier = keras.Sequential([keras.layers.Dense(self.hidden_dim, use_bias=False),
-                                            keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                                            keras.layers.Dense(self.num_permutations)], name="fc7_fc8")
-        self.classifier.build((None, NUM_TILES * self.tile_dim))
+        self.network = TileSetClassifier(tile_encoder(encoder, "Jigsaw"), NUM_TILES, self.tile_dim, self.hidden_dim,
+                                         self.num_permutations, name="context_free_network")
         self.accuracy_tracker = keras.metrics.Mean(name="puzzle_acc")
 
     def get_config(self):
@@ -103,15 +92,9 @@ class Jigsaw(Recipe):
         return [self.loss_tracker, self.accuracy_tracker]
 
     def puzzle_logits(self, shuffled_tiles, training=True):
-        """[B, 9, t, t, C] shuffled tiles -> [B, P] permutation logits (context-free network)."""
-
-        def solve(tiles, training):
-            rows = tf.shape(tiles)[0]
-            per_tile = self.fc6(self.tile_encoder(tf.reshape(tiles, [-1, *tiles.shape[2:]]), training=training),
-                                training=training)
-            return self.classifier(tf.reshape(per_tile, [rows, NUM_TILES * self.tile_dim]), training=training)
-
-        return self.encode_in_groups(solve, shuffled_tiles, self.bn_splits or self.num_replicas, training=training)
+        """[B, 9, t, t, C] shuffled tiles -> [B, P] permutation logits."""
+        return self.encode_in_groups(self.network, shuffled_tiles, self.bn_splits or self.num_replicas,
+                                     training=training)
 
     def loss_terms(self, data):
         images = data["image"]

@@ -12,9 +12,11 @@ in the cell; offsets are drawn for the global batch (`augment.GlobalDraws`), so 
 replicas cut the same tiles.
 """
 
+import keras
 import tensorflow as tf
 
 from recipes.augment import GlobalDraws
+from recipes.heads import at_input_shape
 
 GRID = 3
 
@@ -57,3 +59,37 @@ def standardize_tiles(tiles, epsilon=1.0):
     range encoders take (mean 127.5, std 64): the jigsaw paper's per-tile normalization."""
     mean, variance = tf.nn.moments(tiles, axes=[-3, -2, -1], keepdims=True)
     return (tiles - mean) / tf.sqrt(variance + epsilon) * 64.0 + 127.5
+
+
+def tile_encoder(encoder, task: str):
+    """The encoder (same layers and weights) on single tiles of its square images."""
+    height, width, channels = encoder.input_shape[1:]
+    if height != width:
+        raise ValueError(f"{task} cuts a square grid; the encoder takes {height}x{width} images.")
+    _, tile = tile_geometry(height)
+    return at_input_shape(encoder, (tile, tile, channels))
+
+
+class TileSetClassifier(keras.layers.Layer):
+    """The tile towers of context prediction and jigsaw: each tile of a set goes alone through
+    the encoder and a per-tile layer (fc6); the set's concatenated outputs are classified
+    (fc7, fc8). No tile sees another before fc7: the jigsaw paper's "context-free network"."""
+
+    def __init__(self, tile_encoder, tiles_per_set: int, tile_dim: int, hidden_dim: int, num_classes: int,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.tile_encoder, self.tiles_per_set, self.tile_dim = tile_encoder, int(tiles_per_set), int(tile_dim)
+        self.fc6 = keras.Sequential([keras.layers.Dense(self.tile_dim, use_bias=False),
+                                     keras.layers.BatchNormalization(), keras.layers.ReLU()], name="fc6")
+        self.fc6.build((None, tile_encoder.output_shape[-1]))
+        self.fc7_fc8 = keras.Sequential([keras.layers.Dense(int(hidden_dim), use_bias=False),
+                                         keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                                         keras.layers.Dense(int(num_classes))], name="fc7_fc8")
+        self.fc7_fc8.build((None, self.tiles_per_set * self.tile_dim))
+
+    def call(self, tile_sets, training=False):
+        """[B, n, t, t, C] -> [B, num_classes] logits."""
+        rows = tf.shape(tile_sets)[0]
+        per_tile = self.fc6(self.tile_encoder(tf.reshape(tile_sets, [-1, *tile_sets.shape[2:]]), training=training),
+                            training=training)
+        return self.fc7_fc8(tf.reshape(per_tile, [rows, self.tiles_per_set * self.tile_dim]), training=training)
