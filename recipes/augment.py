@@ -79,6 +79,13 @@ def updated_policies(defaults: list, overrides) -> list:
     return [default.updated(override) for default, override in zip(defaults, overrides)]
 
 
+def local_crop_side(image_shape, requested=None) -> int:
+    """Side of multi-crop's small views: `requested`, else 96/224 of the image side (the 96-px
+    local crops of 224-px images in SwAV and DINO), at least 8 pixels."""
+    height, width = image_shape[:2]
+    return int(requested or max(8, round(min(height, width) * 96 / 224)))
+
+
 def named_view_policies(defaults: dict, overrides, recipe: str) -> dict:
     """Policies of named views (multi-crop's "global", "local", ...): `overrides` (None, or
     {view name: fields to change}) applied to `defaults`; an unknown view name is refused."""

@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import SWAV_GLOBAL, SWAV_LOCAL, named_view_policies, random_view
+from recipes.augment import SWAV_GLOBAL, SWAV_LOCAL, local_crop_side, named_view_policies, random_view
 from recipes.base import FeatureQueue, Recipe, register
 from recipes.heads import at_input_shape, mlp
 from recipes.losses import l2_normalize, sinkhorn_knopp, swav_loss
@@ -71,8 +71,8 @@ class SwAV(Recipe):
         self.epsilon = float(epsilon)
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.num_local_crops = int(num_local_crops)
-        height, width, channels = encoder.input_shape[1:]
-        self.local_crop_size = int(local_crop_size or max(8, round(min(height, width) * 96 / 224)))
+        channels = encoder.input_shape[-1]
+        self.local_crop_size = local_crop_side(encoder.input_shape[1:], local_crop_size)
         self.freeze_prototypes_steps = int(freeze_prototypes_steps)
         self.queue_size = int(queue_size)
         self.queue_start_step = int(queue_start_step)

@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, named_view_policies, random_view
+from recipes.augment import DINO_GLOBAL_1, DINO_GLOBAL_2, DINO_LOCAL, local_crop_side, named_view_policies, random_view
 from recipes.base import Recipe, copy_as_target, register
 from recipes.distillation.byol import cosine_momentum
 from recipes.heads import at_input_shape, dino_head
@@ -99,8 +99,8 @@ class DINO(Recipe):
         self.teacher_temperature_warmup_steps = int(teacher_temperature_warmup_steps)
         self.center_momentum = float(center_momentum)
         self.num_local_crops = int(num_local_crops)
-        height, width, channels = encoder.input_shape[1:]
-        self.local_crop_size = int(local_crop_size or max(8, round(min(height, width) * 96 / 224)))
+        channels = encoder.input_shape[-1]
+        self.local_crop_size = local_crop_side(encoder.input_shape[1:], local_crop_size)
         self.freeze_last_layer_steps = int(freeze_last_layer_steps)
         self.norm_last_layer = bool(norm_last_layer)
         self.head_batch_norm = bool(head_batch_norm)
