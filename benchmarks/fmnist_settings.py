@@ -78,7 +78,15 @@ HPARAMS = {
     # As solo-learn's CIFAR SwAV: no local crops, 3000 prototypes, a 3840-row queue (15 batches of 256, the
     # paper's for batch 256); prototypes frozen for the first epoch (not yet benchmarked).
     "swav": {"num_local_crops": 0, "queue_size": 3840},
+    # The paper's CIFAR-10 clustering (10 heads of 128 clusters, lambda 25); one label step per epoch
+    # instead of the ImageNet one per 4, as these runs are short (not yet benchmarked).
+    "sela": {"num_clusters": 128, "num_heads": 10},
+    # The paper's feature-learning setup: random blocks (four 7-px squares, at most 1/4 of 28 px),
+    # reconstruction loss only (not yet benchmarked).
+    "inpainting": {},
 }
+# Self-supervised recipes that cannot run on Fashion-MNIST, and why.
+NOT_ON_FASHION_MNIST = {"colorization": "Fashion-MNIST is grey: there is no colour to predict."}
 
 
 def backbone(recipe: str) -> str:
@@ -93,6 +101,8 @@ def optimizer_flags(recipe: str) -> list:
 
 def hparams(recipe: str, epochs: int) -> dict:
     """The recipe's hyperparameters for a run of `epochs` epochs."""
+    if recipe in NOT_ON_FASHION_MNIST:
+        raise ValueError(f"{recipe} does not run on Fashion-MNIST: {NOT_ON_FASHION_MNIST[recipe]}")
     if recipe not in HPARAMS:
         raise ValueError(f"No Fashion-MNIST settings for recipe {recipe!r}. Known: {', '.join(sorted(HPARAMS))}.")
     values = dict(HPARAMS[recipe])
@@ -101,6 +111,8 @@ def hparams(recipe: str, epochs: int) -> dict:
         values["freeze_last_layer_steps"] = STEPS_PER_EPOCH
     if recipe == "swav":  # prototypes frozen for the first epoch; the queue fills from then on (paper: epoch 15)
         values["freeze_prototypes_steps"] = values["queue_start_step"] = STEPS_PER_EPOCH
+    if recipe == "sela":  # one label step before every epoch
+        values["num_label_updates"] = epochs
     return values
 
 

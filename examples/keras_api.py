@@ -46,7 +46,9 @@ def main(argv):
     # Batches are {"image": uint8 [B, H, W, C]}: the recipe makes its views inside the train step.
     batches = data.make_dataset(train_x, batch_size=FLAGS.batch_size, repeat=True,
                                 with_index=recipe_class.needs_index)
-    recipe.fit(batches, epochs=FLAGS.epochs, steps_per_epoch=steps, verbose=2)
+    # training_callbacks: what a recipe runs beside its train step (SeLa's label step over all images).
+    recipe.fit(batches, epochs=FLAGS.epochs, steps_per_epoch=steps, verbose=2,
+               callbacks=recipe.training_callbacks(train_x))
 
     extract = evaluate.feature_extractor(encoder)
     num_classes = int(max(train_y.max(), test_y.max()) + 1)

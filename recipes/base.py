@@ -138,6 +138,12 @@ class Recipe(keras.Model):
         return [g * tf.cast(keep, g.dtype) if id(v) in frozen else g
                 for g, v in zip(gradients, self.optimized_variables)]
 
+    def training_callbacks(self, images) -> list:
+        """Keras callbacks the method needs beside `train_step`, given the training images
+        (uint8 [N, H, W, C]): SeLa's label step over the whole dataset. Pass them to `fit`;
+        `recipes.train` does."""
+        return []
+
     def embedding_head(self):
         """Encoder features -> the embedding the loss compares (MoCo's 128-d projection), or None.
 

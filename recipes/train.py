@@ -536,6 +536,7 @@ def train(argv=None) -> dict:
         monitor = np.random.RandomState(FLAGS.seed).permutation(len(train_images))[:FLAGS.knn_monitor_size]
         knn_data = (train_images[monitor], train_labels[monitor], test_images, test_labels)
     guard, callbacks = _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing)
+    callbacks = recipe.training_callbacks(train_images) + callbacks
 
     if initial_epoch < FLAGS.epochs:
         batches = epoch_batches(train_images, FLAGS.batch_size, steps, initial_epoch, FLAGS.epochs, FLAGS.seed,

@@ -20,8 +20,14 @@ sys.path.insert(0, BENCHMARKS)
 import fmnist_settings  # noqa: E402
 
 
-def test_every_self_supervised_recipe_has_settings():
-    assert set(fmnist_settings.HPARAMS) == set(RECIPES) - set(LABEL_RECIPES)
+def test_every_self_supervised_recipe_has_settings_or_a_reason_why_not():
+    assert set(fmnist_settings.HPARAMS) | set(fmnist_settings.NOT_ON_FASHION_MNIST) == set(RECIPES) - set(LABEL_RECIPES)
+    assert not set(fmnist_settings.HPARAMS) & set(fmnist_settings.NOT_ON_FASHION_MNIST)
+    for recipe, reason in fmnist_settings.NOT_ON_FASHION_MNIST.items():
+        with pytest.raises(ValueError, match="does not run on Fashion-MNIST"):
+            fmnist_settings.hparams(recipe, epochs=1)
+        with pytest.raises(ValueError, match="colour images"):  # and the recipe itself refuses grey images
+            get_recipe_class(recipe)(backbones.build(fmnist_settings.BACKBONE, (28, 28, 1), fmnist_settings.WIDTH))
 
 
 @pytest.mark.parametrize("recipe", sorted(fmnist_settings.HPARAMS))

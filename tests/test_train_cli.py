@@ -350,3 +350,14 @@ def test_a_failed_json_write_keeps_the_previous_file(tmp_path):
         write_json(str(path), {"knn": {"accuracy": 0.9}, "bad": object()})  # fails after writing some of it
     assert json.loads(path.read_text()) == {"knn": {"accuracy": 0.8}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temporary left behind
+
+
+def test_sela_runs_its_label_step_from_the_cli(data_dir, tmp_path):
+    """recipes.train adds the recipe's own callbacks: without SeLa's label step the first
+    train step would stop on labels that were never computed."""
+    args = [*SMALL[:-1], "--recipe=sela", "--batch_size=16", "--epochs=2", "--steps_per_epoch=2",
+            "--hparams=num_clusters=8,num_heads=2,num_label_updates=2,label_batch_size=256", f"--model_dir={tmp_path}"]
+    result = _train(args, _env(data_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "run.json").read_text())["recipe_config"]
+    assert (config["num_label_updates"], config["total_steps"], config["num_clusters"]) == (2, 4, 8)
