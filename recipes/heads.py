@@ -8,6 +8,8 @@ projection makes the encoder's own features better, and MoCo v2 adopted it.
 import keras
 from keras import layers
 
+from zoo import vit
+
 
 def mlp(hidden_dim: int, output_dim: int, num_layers: int = 2, batch_norm: bool = False,
         last_batch_norm: bool = False, name: str = "head") -> keras.Sequential:
@@ -44,6 +46,11 @@ def at_input_shape(encoder: keras.Model, input_shape, name=None) -> keras.Model:
     input_shape = tuple(int(d) for d in input_shape)
     if tuple(encoder.input_shape[1:]) == input_shape:
         return encoder
+    if vit.transformer_blocks(encoder):
+        built = "x".join(map(str, encoder.input_shape[1:]))
+        raise ValueError(f"This recipe runs the encoder on {'x'.join(map(str, input_shape))} crops, patches or "
+                         f"tiles, but {encoder.name} is a Vision Transformer, whose position table fixes it to "
+                         f"{built} images. Use a convolutional backbone (e.g. --backbone=resnet18_small).")
     images = keras.Input(shape=input_shape, name="images")
     return keras.Model(images, encoder.call(images), name=name or f"{encoder.name}_at_{'x'.join(map(str, input_shape))}")
 

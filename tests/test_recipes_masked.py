@@ -70,3 +70,12 @@ def test_mae_one_vs_two_replicas_and_learning():
 def test_mae_refuses_an_encoder_without_patches():
     with pytest.raises(ValueError, match="vit_tiny_p4"):
         get_recipe_class("mae")(backbones.build("resnet18_small", SHAPE, width=0.125))
+
+
+@pytest.mark.parametrize("recipe, hparams", [("dino", {"num_local_crops": 2}), ("jigsaw", {}), ("counting", {}),
+                                             ("cpc", {"prediction_steps": 1})])
+def test_recipes_that_resize_the_encoder_refuse_a_vit_by_name(recipe, hparams):
+    """Local crops, tiles and patches run the encoder at another size, which a ViT's fixed
+    position table cannot take: a clear error at construction, not a shape error mid-graph."""
+    with pytest.raises(ValueError, match="Vision Transformer.*convolutional backbone"):
+        get_recipe_class(recipe)(_vit(), **hparams)
