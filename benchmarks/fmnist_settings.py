@@ -81,6 +81,10 @@ HPARAMS = {
     # The paper's CIFAR-10 clustering (10 heads of 128 clusters, lambda 25); one label step per epoch
     # instead of the ImageNet one per 4, as these runs are short (not yet benchmarked).
     "sela": {"num_clusters": 128, "num_heads": 10},
+    # The paper's k-means (PCA-whitening to 256, 20 Lloyd iterations) with 100 clusters, ~10x the classes as
+    # its 10,000 for ImageNet's 1,000; a 512-wide head whose output is clustered before every epoch (not yet
+    # benchmarked).
+    "deepcluster": {"num_clusters": 100, "hidden_dim": 512},
     # The paper's feature-learning setup: random blocks (four 7-px squares, at most 1/4 of 28 px),
     # reconstruction loss only (not yet benchmarked).
     "inpainting": {},

@@ -31,8 +31,10 @@ replica and every worker derives the same labels. Labels are a non-trainable var
 checkpoints keep them and a resumed run continues with the labels it had.
 """
 
-import numpy as np
+import time
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from recipes import distribute
@@ -186,7 +188,12 @@ class SelfLabelling(keras.callbacks.Callback):
 
     def _label(self, step):
         update = max(sum(s <= step for s in self.schedule) - 1, 0)
-        self.recipe.assign_labels(self.images, update)
+        started = time.time()
+        labels = self.recipe.assign_labels(self.images, update)
+        sizes = np.bincount(labels[0], minlength=self.recipe.num_clusters)
+        print(f"\nSeLa label step {update + 1}/{len(self.schedule)} before step {step}: "
+              f"{time.time() - started:.1f} s; head 0's clusters hold {sizes.min()}-{sizes.max()} images "
+              f"({len(self.images) / len(sizes):.0f} if equal).", flush=True)
 
     def on_train_begin(self, logs=None):
         step = int(self.recipe.optimizer.iterations.numpy())
