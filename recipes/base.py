@@ -95,6 +95,14 @@ class Recipe(keras.Model):
             raise ValueError("Recipes need a static batch size: batch with drop_remainder=True.")
         return rows * self.num_replicas
 
+    def dataset_index(self, data):
+        """The batch's dataset indices, int32: the rows of a `needs_index` recipe's per-image
+        state (NPID's memory bank, SeLa's and DeepCluster's labels)."""
+        if "index" not in data:
+            raise ValueError(f"{type(self).__name__} needs each image's dataset index: build the dataset with "
+                             "recipes.data.make_dataset(..., with_index=True).")
+        return tf.cast(data["index"], tf.int32)
+
     def step_seed(self, view: int):
         """An int32[2] stateless seed for (this step, this view), equal on all replicas."""
         step = tf.cast(self.optimizer.iterations, tf.int32)

@@ -170,3 +170,12 @@ def test_self_labels_stay_finite_when_a_cluster_is_unlikely_for_every_image():
     np.testing.assert_allclose(q.sum(axis=0), 1 / 4, rtol=1e-5)
     np.testing.assert_allclose(q.sum(axis=1), 1 / 40, rtol=1e-5)
     assert set(labels.numpy()) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("recipe, config", [("npid", {"dataset_size": 16}), ("sela", {"dataset_size": 16, "num_clusters": 4}),
+                                            ("deepcluster", {"dataset_size": 16, "num_clusters": 4})])
+def test_recipes_with_per_image_state_ask_for_the_dataset_index_by_name(recipe, config):
+    model = get_recipe_class(recipe)(small_encoder(SHAPE), **config)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match=r"needs each image's dataset index.*with_index=True"):
+        model.loss_terms({"image": tf.constant(_images(16))})

@@ -280,10 +280,7 @@ class DeepCluster(Recipe):
 
     # ---- training on the pseudo-labels ---------------------------------------------
     def loss_terms(self, data):
-        if "index" not in data:
-            raise ValueError("DeepCluster needs each image's dataset index: build the dataset with "
-                             "recipes.data.make_dataset(..., with_index=True).")
-        images, index = data["image"], tf.cast(data["index"], tf.int32)
+        images, index = data["image"], self.dataset_index(data)
         global_batch = self.global_batch(images)
         labels = tf.gather(self.labels.value, index)
         check = tf.debugging.assert_non_negative(

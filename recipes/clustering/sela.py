@@ -111,10 +111,7 @@ class SeLa(Recipe):
 
     # ---- the representation step ------------------------------------------------
     def loss_terms(self, data):
-        if "index" not in data:
-            raise ValueError("SeLa needs each image's dataset index: build the dataset with "
-                             "recipes.data.make_dataset(..., with_index=True).")
-        images, index = data["image"], tf.cast(data["index"], tf.int32)
+        images, index = data["image"], self.dataset_index(data)
         global_batch = self.global_batch(images)
         labels = tf.gather(self.labels.value, index, axis=1)  # [H, B]
         check = tf.debugging.assert_non_negative(

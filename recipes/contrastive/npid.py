@@ -117,10 +117,7 @@ class NPIDRecipe(Recipe):
         return instance_nce(positives, noise, self.temperature, log_z, self.dataset_size), log_z
 
     def loss_terms(self, data):
-        if "index" not in data:
-            raise ValueError("NPID needs each image's dataset index: build the dataset with "
-                             "recipes.data.make_dataset(..., with_index=True).")
-        images, index = data["image"], tf.cast(data["index"], tf.int32)
+        images, index = data["image"], self.dataset_index(data)
         global_batch = self.global_batch(images)
         features = self._embed(random_view(images, self.step_seed(1), self.view_policy, global_batch))
         if self.loss_type == "softmax":
