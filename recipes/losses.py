@@ -404,3 +404,49 @@ def counting_loss(whole, tiles_sum, other_whole, margin=10.0):
     match = tf.reduce_sum(tf.square(whole - tiles_sum), axis=-1)
     mismatch = tf.reduce_sum(tf.square(other_whole - tiles_sum), axis=-1)
     return match + tf.nn.relu(margin - mismatch)
+
+
+def reconstruction_loss(predictions, targets, weights):
+    """Context Encoders' reconstruction loss (Pathak et al. 2016): weighted L2 over the predicted
+    region, per image: sum(w * (p - t)^2) / (C * |{w > 0}|).
+
+    Args:
+      predictions, targets: [B, H, W, C] pixels (any common scale).
+      weights: [B, H, W, 1] or [B, H, W, C]; 0 outside the predicted region, 1 on the dropped
+        pixels, `overlap_weight` on the boundary band.
+
+    Returns:
+      [B] losses: the weighted squared error averaged over the predicted region's pixel values.
+    """
+    weights = tf.cast(weights, predictions.dtype)
+    squared = tf.square(predictions - tf.cast(targets, predictions.dtype))
+    weighted = tf.reduce_sum(weights * squared, axis=[1, 2, 3])
+    values = tf.reduce_sum(tf.cast(weights > 0, predictions.dtype) * tf.ones_like(squared), axis=[1, 2, 3])
+    return weighted / tf.maximum(values, 1.0)
+
+
+def discriminator_loss(real_logits, fake_logits):
+    """Context Encoders' adversarial term, discriminator side. [B]: -log D(real) - log(1 - D(fake)), D = sigmoid(logit): the discriminator's cross-entropy."""
+    return tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits)
+
+
+def generator_adversarial_loss(fake_logits):
+    """Context Encoders' adversarial term, painter side. [B]: -log D(fake), the non-saturating generator loss (the released code labels fakes real)."""
+    return tf.nn.softplus(-fake_logits)
+
+
+def colorization_loss(logits, indices, weights, pixel_weights):
+    """Colorization's loss (Zhang et al. 2016): rebalanced multinomial cross-entropy (eq. 2), per image: the mean over its pixels of
+    -v_hw sum_q Z_hwq log softmax(logits_hw)_q.
+
+    Args:
+      logits: [B, H, W, Q] predicted bin logits.
+      indices, weights: [B, H, W, k] the soft-encoded targets (`recipes.pretext.colorization.soft_encode`).
+      pixel_weights: [B, H, W] v, the rebalancing weight of each pixel's nearest bin.
+    Returns:
+      [B] per-image losses.
+    """
+    log_probabilities = tf.nn.log_softmax(logits, axis=-1)
+    cross_entropy = -tf.reduce_sum(tf.cast(weights, logits.dtype) * tf.gather(log_probabilities, indices, batch_dims=3),
+                                   axis=-1)
+    return tf.reduce_mean(tf.cast(pixel_weights, logits.dtype) * cross_entropy, axis=[1, 2])

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from recipes.base import get_recipe_class
-from recipes.pretext.colorization import (ab_bins, annealed_mean, colorization_loss, dense_soft_encoding,
-                                          desaturate, rebalancing_weights, rgb_to_lab, soft_encode)
+from recipes.losses import colorization_loss
+from recipes.pretext.colorization import (ab_bins, annealed_mean, dense_soft_encoding, desaturate, rebalancing_weights,
+                                          rgb_to_lab, soft_encode)
 from tests.distributed_utils import compare_one_vs_two_replicas, float64
 from tests.encoders import small_encoder
 from tests.test_recipes_ssl import _loss_drops_on_fixed_views, _trainables

@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from recipes.augment import GlobalDraws
 from recipes.base import get_recipe_class
-from recipes.pretext.inpainting import (central_masks, discriminator_loss, generator_adversarial_loss, loss_weights,
-                                        random_block_masks, reconstruction_loss)
+from recipes.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
+from recipes.pretext.inpainting import central_masks, loss_weights, random_block_masks
 from tests.distributed_utils import (compare_one_vs_two_replicas, distribute_batch, float64, two_replica_strategy)
 from tests.encoders import small_encoder
 from tests.test_recipes_ssl import _loss_drops_on_fixed_views, _trainables

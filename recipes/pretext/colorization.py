@@ -61,6 +61,7 @@ import tensorflow as tf
 
 from recipes import distribute
 from recipes.base import Recipe, register
+from recipes.losses import colorization_loss
 from recipes.semi.randaugment import weak_view
 
 # sRGB (IEC 61966-2-1) linear RGB -> CIE XYZ, and the D65 reference white (2-degree observer).
@@ -182,23 +183,6 @@ def rebalancing_weights(prior, bins, rebalance_lambda: float = 0.5, sigma: float
     num_bins = tf.cast(tf.shape(prior)[0], prior.dtype)
     weights = 1.0 / ((1.0 - rebalance_lambda) * smoothed + rebalance_lambda / num_bins)
     return weights / tf.reduce_sum(smoothed * weights)
-
-
-def colorization_loss(logits, indices, weights, pixel_weights):
-    """Rebalanced multinomial cross-entropy (eq. 2), per image: the mean over its pixels of
-    -v_hw sum_q Z_hwq log softmax(logits_hw)_q.
-
-    Args:
-      logits: [B, H, W, Q] predicted bin logits.
-      indices, weights: [B, H, W, k] the soft-encoded targets (`soft_encode`).
-      pixel_weights: [B, H, W] v, the rebalancing weight of each pixel's nearest bin.
-    Returns:
-      [B] per-image losses.
-    """
-    log_probabilities = tf.nn.log_softmax(logits, axis=-1)
-    cross_entropy = -tf.reduce_sum(tf.cast(weights, logits.dtype) * tf.gather(log_probabilities, indices, batch_dims=3),
-                                   axis=-1)
-    return tf.reduce_mean(tf.cast(pixel_weights, logits.dtype) * cross_entropy, axis=[1, 2])
 
 
 def annealed_mean(logits, bins, temperature: float = 0.38):

@@ -7,7 +7,7 @@ A region of every image is dropped, i.e. filled with the mean value (zero after 
 encoder's own normalization: `zoo.backbones.ImageNormalization`'s mean, 127.5 for encoders
 without one), the encoder sees what is left (the context), and a decoder paints the
 missing pixels back from the encoder's features. The loss is the L2 distance to the true
-pixels on the dropped region only (`reconstruction_loss`): to paint a missing sleeve the
+pixels on the dropped region only (`recipes.losses.reconstruction_loss`): to paint a missing sleeve the
 encoder has to know what the garment is.
 
 Masks (`mask`), the paper's section 3.3, each covering about a quarter of the image:
@@ -77,40 +77,12 @@ import tensorflow as tf
 
 from recipes.augment import GlobalDraws
 from recipes.base import Recipe, register
+from recipes.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
 from recipes.semi.randaugment import weak_view
 
 MASKS = ("center", "random_block", "random_region")
 PAPER_OVERLAP = 7 / 128  # the paper's 7 px band around the 64 px hole of a 128 px image
 REGION_GRID = 8  # cells of the random-region noise across the image (train_random.lua: 0.06 x 128)
-
-
-# ---- losses (pure functions, per example) ----------------------------------------------
-def reconstruction_loss(predictions, targets, weights):
-    """Weighted L2 over the predicted region, per image: sum(w * (p - t)^2) / (C * |{w > 0}|).
-
-    Args:
-      predictions, targets: [B, H, W, C] pixels (any common scale).
-      weights: [B, H, W, 1] or [B, H, W, C]; 0 outside the predicted region, 1 on the dropped
-        pixels, `overlap_weight` on the boundary band.
-
-    Returns:
-      [B] losses: the weighted squared error averaged over the predicted region's pixel values.
-    """
-    weights = tf.cast(weights, predictions.dtype)
-    squared = tf.square(predictions - tf.cast(targets, predictions.dtype))
-    weighted = tf.reduce_sum(weights * squared, axis=[1, 2, 3])
-    values = tf.reduce_sum(tf.cast(weights > 0, predictions.dtype) * tf.ones_like(squared), axis=[1, 2, 3])
-    return weighted / tf.maximum(values, 1.0)
-
-
-def discriminator_loss(real_logits, fake_logits):
-    """[B]: -log D(real) - log(1 - D(fake)), D = sigmoid(logit): the discriminator's cross-entropy."""
-    return tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits)
-
-
-def generator_adversarial_loss(fake_logits):
-    """[B]: -log D(fake), the non-saturating generator loss (the released code labels fakes real)."""
-    return tf.nn.softplus(-fake_logits)
 
 
 def loss_weights(hole, region, overlap_weight):
