@@ -208,8 +208,19 @@ def flags_from_zoo_entry(ref: str, store=None) -> dict:
         for flag in ("labels_per_class", "label_fraction"):
             FLAGS[flag].value = spec.get(flag)
     print(f"Retraining {spec['recipe']} from zoo entry {ref} on {FLAGS.dataset}.")
-    # Not hyperparameters: --seed sets the seed, the data the class count and the labelled images' count.
-    return {k: v for k, v in spec["recipe_config"].items() if k not in ("seed", "num_classes", "label_count")}
+    return card_hparams(spec["recipe_config"])
+
+
+# Recipe arguments that are facts of a run, not hyperparameters: --seed sets the seed; the
+# data the class count, the labelled images' count and the dataset size (NPID's bank, SeLa's
+# and DeepCluster's labels); the schedule the total steps (SeLa's label steps).
+RUN_FACT_ARGUMENTS = ("seed", "num_classes", "label_count", "dataset_size", "total_steps")
+
+
+def card_hparams(recipe_config: dict) -> dict:
+    """The hyperparameters of a recorded recipe config, without the facts of the run that made it:
+    a retrained entry takes those from its own data and schedule."""
+    return {k: v for k, v in recipe_config.items() if k not in RUN_FACT_ARGUMENTS}
 
 
 def worker_batches(global_batches, context, global_batch_size):

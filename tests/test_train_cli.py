@@ -329,6 +329,25 @@ def test_finetune_init_from_a_published_encoder(data_dir, tmp_path):
     assert run["init_from"] == "start_point" and run["labels_per_class"] == 4
 
 
+def test_a_card_retrains_on_other_data_with_that_datas_size_and_schedule():
+    """A card records the config of the run that made it, dataset size and total steps
+    included; a retrained NPID or SeLa must size its bank / labels and space its label
+    steps for its own data and schedule, not the recorded ones."""
+    import recipes  # noqa: F401  (registers every recipe)
+    from recipes.base import get_recipe_class
+    from recipes.train import build_recipe, card_hparams
+    from tests.encoders import small_encoder
+
+    recorded = get_recipe_class("sela")(small_encoder((16, 16, 1)), dataset_size=60000, num_clusters=8,
+                                        total_steps=4680).get_config()
+    hparams = card_hparams(recorded)
+    assert "dataset_size" not in hparams and "total_steps" not in hparams and hparams["num_clusters"] == 8
+    retrained = build_recipe(get_recipe_class("sela"), small_encoder((16, 16, 1)), hparams, seed=1, total_steps=30,
+                             num_examples=500)
+    assert (retrained.dataset_size, retrained.total_steps, retrained.num_clusters) == (500, 30, 8)
+    assert tuple(retrained.labels.shape) == (10, 500)
+
+
 def test_hparams_keep_json_lists_and_dicts_whole():
     from recipes.train import parse_hparams
 
