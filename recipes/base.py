@@ -148,8 +148,8 @@ class Recipe(keras.Model):
 
     def training_callbacks(self, images) -> list:
         """Keras callbacks the method needs beside `train_step`, given the training images
-        (uint8 [N, H, W, C]): SeLa's label step over the whole dataset. Pass them to `fit`;
-        `recipes.train` does."""
+        (uint8 [N, H, W, C]): SeLa's label step and DeepCluster's clustering, which need the
+        whole dataset. Pass them to `fit`; `recipes.train` does."""
         return []
 
     def embedding_head(self):

@@ -52,7 +52,7 @@ class SeLa(Recipe):
     Args:
       encoder: backbone to pretrain.
       dataset_size: N, number of training images; batches must carry `index` in [0, N).
-      num_clusters: K per head (3000 for ImageNet in the paper, 128 for CIFAR-10).
+      num_clusters: K per head (3000 for ImageNet in the paper; 128, ~10x the classes of 10-class data).
       num_heads: clustering heads trained at once (10).
       lam: lambda of the label step (25).
       num_label_updates: label steps over the run, evenly spaced, the first at step 0.
