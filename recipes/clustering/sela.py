@@ -19,7 +19,8 @@ which it patched by re-sampling and re-initializing).
 Several clustering heads (`num_heads`, 10 in the paper), each a linear classifier over
 the encoder's features with its own labels, trained at once; the loss is their mean.
 The label step runs `num_label_updates` times, evenly spaced over the run, the first
-before step 0 (the paper's schedule: 100 label steps over 400 ImageNet epochs).
+before step 0, as the paper's code spreads its `nopts` label optimizations evenly over
+training, the first at the start.
 
 Where the label step runs: it needs the whole dataset, so it is not part of
 `train_step`. `training_callbacks(images)` gives the Keras callback that runs it at the
