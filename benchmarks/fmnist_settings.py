@@ -79,8 +79,7 @@ HPARAMS = {
     # paper's for batch 256); prototypes frozen for the first epoch (not yet benchmarked).
     "swav": {"num_local_crops": 0, "queue_size": 3840},
     # The paper's 10 heads and lambda 25 with 128 clusters per head (its 3,000 are for ImageNet's 1,000
-    # classes; ~10x the classes here too); one label step per epoch instead of the ImageNet one per 4, as
-    # these runs are short (not yet benchmarked).
+    # classes; ~10x the classes here too); one label step before every epoch (not yet benchmarked).
     "sela": {"num_clusters": 128, "num_heads": 10},
     # The paper's k-means (PCA-whitening to 256, 20 Lloyd iterations) with 100 clusters, ~10x the classes as
     # its 10,000 for ImageNet's 1,000; a 512-wide head whose output is clustered before every epoch (not yet
