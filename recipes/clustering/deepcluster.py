@@ -59,6 +59,7 @@ import tensorflow as tf
 from recipes import distribute
 from recipes.augment import ViewPolicy, random_view
 from recipes.base import Recipe, register
+from recipes.evaluate import feature_extractor
 from recipes.heads import mlp
 from recipes.losses import pretext_cross_entropy
 
@@ -253,7 +254,7 @@ class DeepCluster(Recipe):
         self.sample_weights = self.add_weight(shape=(self.dataset_size,), trainable=False, initializer="ones",
                                               name="sample_weights")
         self.accuracy_tracker = keras.metrics.Mean(name="cluster_acc")
-        self._features_fn = None
+        self._extract = None
 
     def get_config(self):
         return {**super().get_config(), "dataset_size": self.dataset_size, "num_clusters": self.num_clusters,
@@ -302,24 +303,11 @@ class DeepCluster(Recipe):
         if len(images) != self.dataset_size:
             raise ValueError(f"DeepCluster clusters all {self.dataset_size} training images (the rows of the "
                              f"labels), got {len(images)}.")
-        if self._features_fn is None:  # traced once per recipe, not once per epoch
-            @tf.function
-            def features_fn(batch):
-                return self._features(tf.cast(batch, keras.config.floatx()), training=False)
-
-            self._features_fn = features_fn
-        size = self.feature_batch_size
-        out = None
-        for start in range(0, len(images), size):
-            batch = images[start:start + size]
-            rows = len(batch)
-            if rows < size:  # one traced shape: pad the last batch, drop the padding
-                batch = np.concatenate([batch, np.repeat(batch[-1:], size - rows, axis=0)])
-            values = self._features_fn(tf.constant(batch)).numpy()[:rows]
-            if out is None:
-                out = np.empty((len(images), values.shape[1]), np.float64)
-            out[start:start + rows] = values
-        return out
+        if self._extract is None:  # traced once per recipe (free batch size), not once per epoch
+            self._extract = feature_extractor(
+                lambda batch, training: self._features(tf.cast(batch, keras.config.floatx()), training),
+                self.feature_batch_size)
+        return self._extract(images)
 
     def cluster(self, images, epoch: int = 0) -> dict:
         """One clustering: features -> PCA-whitening -> L2 -> k-means (seeded by seed and `epoch`);
