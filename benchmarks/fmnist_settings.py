@@ -4,7 +4,8 @@ recipe, and each recipe's hyperparameters sized for 28-pixel images and a 128-d 
 Budget: the training time of MoCo's quality run (45 epochs). A recipe gets the number of
 epochs that takes the same time on this machine, from the train-step throughputs measured
 by `benchmarks/throughput.py --settings=fmnist` (a recipe twice as slow per image gets half
-the epochs). Equal time, not equal epochs, because the question our users ask is "what do I
+the epochs; SeLa's and DeepCluster's label steps over the training set are timed apart and
+paid from the same budget). Equal time, not equal epochs, because the question our users ask is "what do I
 get for an hour of CPU", and equal epochs would give CPC or DINO several times MoCo's time.
 
 Optimizer: MoCo's quality-run flags for all (SGD momentum 0.9, lr 0.06, weight decay 5e-4,
@@ -45,7 +46,12 @@ OPTIMIZER_OVERRIDES = {
     "dino": {"optimizer": "lars", "lr": "0.3", "weight_decay": "1e-6", "warmup_epochs": "2",
              "optimizer_args": "eta=0.02,clip=true"},
 }
-STEPS_PER_EPOCH = 60000 // 256
+TRAIN_IMAGES = 60000  # Fashion-MNIST's training split
+STEPS_PER_EPOCH = TRAIN_IMAGES // 256
+# Label steps over the whole training set per epoch (SeLa's self-labelling, DeepCluster's k-means): they
+# run between train steps, so they are timed apart (throughput.py's label_step_seconds) and paid from the
+# same budget.
+LABEL_STEPS_PER_EPOCH = {"sela": 1, "deepcluster": 1}
 
 HPARAMS = {
     # T=0.07 (MoCo v1's) with a 16k queue: at 45 epochs the encoder's kNN and probe equal T=0.2's
@@ -116,7 +122,7 @@ def hparams(recipe: str, epochs: int) -> dict:
     if recipe == "swav":  # prototypes frozen for the first epoch; the queue fills from then on (paper: epoch 15)
         values["freeze_prototypes_steps"] = values["queue_start_step"] = STEPS_PER_EPOCH
     if recipe == "sela":  # one label step before every epoch
-        values["num_label_updates"] = epochs
+        values["num_label_updates"] = LABEL_STEPS_PER_EPOCH["sela"] * epochs
     return values
 
 
@@ -127,10 +133,19 @@ def hparams_flag(recipe: str, epochs: int) -> str:
     return "--hparams=" + ",".join(f"{k}={json.dumps(v)}" for k, v in hparams(recipe, epochs).items())
 
 
-def budget_epochs(recipe: str, images_per_sec: dict) -> int:
-    """Epochs that take as long as BUDGET_EPOCHS of BUDGET_RECIPE, given measured images/sec."""
+def budget_epochs(recipe: str, images_per_sec: dict, label_step_seconds: dict | None = None) -> int:
+    """Epochs that take as long as BUDGET_EPOCHS of BUDGET_RECIPE, given measured train images/sec
+    and, for recipes in LABEL_STEPS_PER_EPOCH, the measured seconds of one label step."""
     for name in (recipe, BUDGET_RECIPE):
         if name not in images_per_sec:
             raise ValueError(f"No throughput measured for {name!r}: run benchmarks/throughput.py --settings=fmnist "
                              f"--recipes={name} first.")
-    return max(1, round(BUDGET_EPOCHS * images_per_sec[recipe] / images_per_sec[BUDGET_RECIPE]))
+    label_seconds = 0.0
+    if recipe in LABEL_STEPS_PER_EPOCH:
+        if recipe not in (label_step_seconds or {}):
+            raise ValueError(f"No label-step time measured for {recipe!r}: its label steps count against the "
+                             f"budget; rerun benchmarks/throughput.py --settings=fmnist --recipes={recipe}.")
+        label_seconds = LABEL_STEPS_PER_EPOCH[recipe] * label_step_seconds[recipe]
+    budget_seconds = BUDGET_EPOCHS * TRAIN_IMAGES / images_per_sec[BUDGET_RECIPE]
+    epoch_seconds = TRAIN_IMAGES / images_per_sec[recipe] + label_seconds
+    return max(1, round(budget_seconds / epoch_seconds))

@@ -57,13 +57,14 @@ def width_suffix():
 
 
 def measured_throughput():
-    """{recipe: train images/sec} from --throughput (default strategy)."""
+    """({recipe: train images/sec}, {recipe: label-step seconds}) from --throughput (default strategy)."""
     with open(os.path.join(ROOT, FLAGS.throughput)) as f:
-        return quality_table.images_per_sec(json.load(f))
+        measured = json.load(f)
+    return quality_table.images_per_sec(measured), quality_table.label_step_seconds(measured)
 
 
 def budget_epochs(recipe):
-    return fmnist_settings.budget_epochs(recipe, measured_throughput())
+    return fmnist_settings.budget_epochs(recipe, *measured_throughput())
 
 
 def train_recipe(run_dir):
@@ -250,12 +251,14 @@ def main(argv):
     prefix = os.path.join(FLAGS.out_dir, f"quality_{FLAGS.recipe}{width_suffix()}")
     if FLAGS.pictures:
         save_pictures(ssl_test_features, test_x, test_y, data.info("fashion_mnist").class_names, prefix)
-    measured = measured_throughput()
+    images_per_sec, label_step_seconds = measured_throughput()
     result = {"recipe": FLAGS.recipe, "backbone": fmnist_settings.backbone(FLAGS.recipe), "width": FLAGS.width, "run": run, "rows": rows,
               "pretrain_wall_time_s": train_metrics.get("wall_time_s"),
               "pretrain_images_per_sec": train_metrics.get("images_per_sec"),
-              "throughput": {"file": FLAGS.throughput, "images_per_sec": measured.get(FLAGS.recipe),
-                             "budget_epochs": fmnist_settings.budget_epochs(FLAGS.recipe, measured)},
+              "throughput": {"file": FLAGS.throughput, "images_per_sec": images_per_sec.get(FLAGS.recipe),
+                             "label_step_seconds": label_step_seconds.get(FLAGS.recipe),
+                             "budget_epochs": fmnist_settings.budget_epochs(FLAGS.recipe, images_per_sec,
+                                                                            label_step_seconds)},
               "benchmark_wall_time_s": round(time.time() - started, 1),
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
     with open(prefix + ".json", "w") as f:

@@ -31,6 +31,12 @@ def images_per_sec(throughput_json) -> dict:
             if r.get("strategy") == "default" and "images_per_sec" in r}
 
 
+def label_step_seconds(throughput_json) -> dict:
+    """{recipe: seconds of one label step} from a throughput.py JSON (SeLa, DeepCluster)."""
+    return {r["recipe"]: r["label_step_seconds"] for r in throughput_json["results"]
+            if r.get("strategy") == "default" and "label_step_seconds" in r}
+
+
 def load(name):
     path = os.path.join(RESULTS, name)
     if not os.path.exists(path):

@@ -12,7 +12,14 @@ Each configuration builds the recipe exactly as `recipes.train` does, runs warm-
 steps (tracing), then times `--repeats` runs of `--steps` train steps on fixed random
 uint8 batches of Fashion-MNIST's shape (the data pipeline is not what is measured) and
 reports the best: on this 2-core VM the same steps run at one of two speeds, ~0.6x apart,
-switching from one repeat to the next, so a single timing can be either. Writes
+switching from one repeat to the next, so a single timing can be either. Recipes with a
+per-image table (NPID's memory bank, SeLa's and DeepCluster's labels) are built for
+`--dataset_size` images, Fashion-MNIST's training split by default, so a step costs what it
+costs in a real run. Recipes with a label step over the whole training set (SeLa's
+self-labelling, DeepCluster's k-means) also report `label_step_seconds`: one label step on
+`--dataset_size` random images, after a first untimed one (tracing); random images give a
+near-uniform prediction, which Sinkhorn-Knopp solves fastest, so SeLa's label step on a
+trained encoder can take longer (benchmarks/self_label_speed.py). Writes
 benchmarks/results/throughput[_fmnist].json and prints a markdown table.
 """
 
@@ -35,10 +42,19 @@ flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing).")
 flags.DEFINE_integer("steps", 6, "Timed steps per repeat.")
 flags.DEFINE_integer("repeats", 5, "Timed repeats; the best one is reported (others are interference).")
+flags.DEFINE_integer("dataset_size", 60000, "Training images a recipe is built for (NPID's bank, SeLa's "
+                     "and DeepCluster's labels) and its label step runs over.")
 flags.DEFINE_enum("settings", "paper", ["paper", "fmnist"], "Recipe hyperparameters: papers' defaults or "
                   "the Fashion-MNIST quality runs'.")
 flags.DEFINE_string("out", None, "JSON output (default benchmarks/results/throughput.json, or "
                     "throughput_fmnist.json with --settings=fmnist).")
+
+
+# The label step of each recipe that has one: the work between train steps, over every training image.
+LABEL_STEPS = {
+    "sela": lambda recipe, images: recipe.assign_labels(images, update=1),
+    "deepcluster": lambda recipe, images: recipe.cluster(images, epoch=1),
+}
 
 
 def time_configuration(recipe_name, backbone, batch_size, strategy_name):
@@ -62,26 +78,33 @@ def time_configuration(recipe_name, backbone, batch_size, strategy_name):
             backbone = fmnist_settings.backbone(recipe_name)
         encoder = backbones.build(backbone, shape, FLAGS.width, norm=norm)
         hparams = fmnist_settings.hparams(recipe_name, epochs=1) if FLAGS.settings == "fmnist" else {}
-        recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total, num_examples=batch_size * 4)
+        recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total,
+                              num_examples=FLAGS.dataset_size)
         recipe.compile(optimizer=make_optimizer("sgd", 0.01, 5e-4, total, 0))
     rng = np.random.RandomState(FLAGS.seed)
     batch = {"image": rng.randint(0, 256, (batch_size, *shape)).astype("uint8"),
              "label": rng.randint(0, 10, batch_size).astype("int64"),
              "index": np.arange(batch_size, dtype="int64")}
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
-    # Warm-up with the recipe's own callbacks (SeLa's label step, which then is not what is timed).
-    images = np.repeat(batch["image"], 4, axis=0)  # num_examples rows, as build_recipe was told
+    # Warm-up with the recipe's own callbacks (a first label step, which traces, is not what is timed).
+    images = rng.randint(0, 256, (FLAGS.dataset_size, *shape)).astype("uint8")
     recipe.fit(dataset, steps_per_epoch=FLAGS.warmup, epochs=1, verbose=0, callbacks=recipe.training_callbacks(images))
     seconds = []
     for _ in range(FLAGS.repeats):
         started = time.perf_counter()
         recipe.fit(dataset, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
         seconds.append(time.perf_counter() - started)
+    label_step = {}
+    if recipe_name in LABEL_STEPS:
+        started = time.perf_counter()
+        LABEL_STEPS[recipe_name](recipe, images)
+        label_step = {"label_step_seconds": round(time.perf_counter() - started, 2)}
     return {"recipe": recipe_name, "backbone": backbone, "backbone_norm": norm,
             "width": FLAGS.width, "batch_size": batch_size,
             "strategy": strategy_name, "settings": FLAGS.settings, "replicas": strategy.num_replicas_in_sync,
             "image_shape": list(shape), "steps": FLAGS.steps, "seconds_per_repeat": [round(s, 3) for s in seconds],
-            "images_per_sec": round(FLAGS.steps * batch_size / min(seconds), 1)}
+            "dataset_size": FLAGS.dataset_size, "images_per_sec": round(FLAGS.steps * batch_size / min(seconds), 1),
+            **label_step}
 
 
 def main(argv):
@@ -114,10 +137,11 @@ def main(argv):
     with open(out, "w") as f:
         json.dump({"command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
                    "cpu_count": os.cpu_count(), "results": results}, f, indent=2)
-    print("\n| recipe | settings | backbone | batch | strategy | images/sec |\n|---|---|---|---|---|---|")
+    print("\n| recipe | settings | backbone | batch | strategy | images/sec | label step (s) |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['recipe']} | {FLAGS.settings} | {r['backbone']} | {r['batch_size']} | {r['strategy']} | "
-              f"{r.get('images_per_sec', r.get('error'))} |")
+              f"{r.get('images_per_sec', r.get('error'))} | {r.get('label_step_seconds', '')} |")
 
 
 if __name__ == "__main__":

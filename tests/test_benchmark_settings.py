@@ -52,6 +52,19 @@ def test_budget_gives_slower_recipes_fewer_epochs():
         fmnist_settings.hparams("fixmatch", epochs=1)
 
 
+def test_label_steps_are_paid_from_the_budget():
+    """SeLa's and DeepCluster's label steps run between train steps; a recipe with one gets the
+    epochs whose train steps plus label steps take MoCo's budget time, and none without a timing."""
+    measured = {"moco": 1000.0, "sela": 1000.0, "deepcluster": 2000.0}
+    budget_seconds = fmnist_settings.BUDGET_EPOCHS * fmnist_settings.TRAIN_IMAGES / 1000.0  # 2,700 s
+    epoch_seconds = fmnist_settings.TRAIN_IMAGES / 1000.0 + 30.0  # 60 s of train steps + a 30 s label step
+    assert fmnist_settings.budget_epochs("sela", measured, {"sela": 30.0}) == round(budget_seconds / epoch_seconds) == 30
+    assert fmnist_settings.budget_epochs("deepcluster", measured, {"deepcluster": 0.0}) == 90
+    with pytest.raises(ValueError, match="label-step time.*--recipes=sela"):
+        fmnist_settings.budget_epochs("sela", measured)
+    assert fmnist_settings.hparams("sela", epochs=30)["num_label_updates"] == 30  # one label step per epoch
+
+
 def test_optimizer_flags_are_train_flags_given_once_with_overrides_applied():
     train_flags = recipes.train.FLAGS
     for recipe in ["moco", *fmnist_settings.OPTIMIZER_OVERRIDES]:
