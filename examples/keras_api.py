@@ -38,9 +38,13 @@ def main(argv):
     # The encoder maps uint8 images in [0, 255] to pooled features; normalization is inside it.
     encoder = backbones.build("resnet18_small", train_x.shape[1:], width=0.25)
     recipe_class = get_recipe_class(FLAGS.recipe)
-    # The paper's defaults; hyperparameters are keywords. NPID's memory bank has a row per image.
-    recipe = recipe_class(encoder, **({"dataset_size": len(train_x)} if recipe_class.needs_index else {}))
     steps = FLAGS.steps_per_epoch or len(train_x) // FLAGS.batch_size
+    # The paper's defaults; hyperparameters are keywords. Run facts where a recipe needs them: a row
+    # per image (NPID's memory bank, SeLa's labels), the run's length (BYOL's and DINO's momentum
+    # schedule, SeLa's label steps).
+    facts = {**({"dataset_size": len(train_x)} if recipe_class.needs_index else {}),
+             **({"total_steps": FLAGS.epochs * steps} if recipe_class.needs_total_steps else {})}
+    recipe = recipe_class(encoder, **facts)
     recipe.compile(optimizer=keras.optimizers.SGD(
         keras.optimizers.schedules.CosineDecay(0.06, FLAGS.epochs * steps), momentum=0.9, weight_decay=5e-4))
     # Batches are {"image": uint8 [B, H, W, C]}: the recipe makes its views inside the train step.

@@ -72,6 +72,9 @@ class Recipe(keras.Model):
     backbone_norm = "batch"
     # Whether batches must carry "index" (each image's position in the dataset; NPID's memory bank).
     needs_index = False
+    # Whether the recipe schedules something over the run's length and takes `total_steps`
+    # (BYOL's and DINO's momentum cosine, SeLa's label steps).
+    needs_total_steps = False
 
     def __init__(self, encoder: keras.Model, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

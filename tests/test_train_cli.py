@@ -348,6 +348,22 @@ def test_a_card_retrains_on_other_data_with_that_datas_size_and_schedule():
     assert tuple(retrained.labels.shape) == (10, 500)
 
 
+def test_run_fact_flags_say_which_recipes_take_the_run_facts():
+    """`needs_index` / `needs_total_steps` tell a Keras user (examples/keras_api.py) which recipes
+    take `dataset_size` / `total_steps`; a recipe whose constructor takes one without the flag
+    would silently run with its default (a 60k bank, a constant momentum, no label schedule)."""
+    import inspect
+
+    import recipes  # noqa: F401  (registers every recipe)
+    from recipes.base import RECIPES
+
+    for name, recipe_class in RECIPES.items():
+        accepted = inspect.signature(recipe_class.__init__).parameters
+        assert recipe_class.needs_total_steps == ("total_steps" in accepted), name
+        assert recipe_class.needs_index == ("dataset_size" in accepted), name
+    assert {name for name, c in RECIPES.items() if c.needs_total_steps} == {"byol", "dino", "sela"}
+
+
 def test_hparams_keep_json_lists_and_dicts_whole():
     from recipes.train import parse_hparams
 

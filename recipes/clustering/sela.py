@@ -65,6 +65,7 @@ class SeLa(Recipe):
     """
 
     needs_index = True
+    needs_total_steps = True
 
     def __init__(self, encoder, dataset_size=60000, num_clusters=128, num_heads=10, lam=25.0,
                  num_label_updates=100, total_steps=None, label_batch_size=1024, bn_splits=None, view_policy=None,
