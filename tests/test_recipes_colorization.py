@@ -8,8 +8,8 @@ import tensorflow as tf
 
 from recipes.base import get_recipe_class
 from recipes.losses import colorization_loss
-from recipes.pretext.colorization import (ab_bins, annealed_mean, dense_soft_encoding, desaturate, rebalancing_weights,
-                                          rgb_to_lab, soft_encode)
+from recipes.pretext.colorization import (ab_bins, annealed_mean, colour_images, dense_soft_encoding, desaturate,
+                                          rebalancing_weights, rgb_to_lab, soft_encode)
 from tests.distributed_utils import compare_one_vs_two_replicas, float64
 from tests.encoders import small_encoder
 from tests.test_recipes_ssl import _loss_drops_on_fixed_views, _trainables
@@ -172,6 +172,31 @@ def test_colorization_needs_colour_images():
         get_recipe_class("colorization")(small_encoder((16, 16, 1)))
     with pytest.raises(ValueError, match="target_stride"):
         get_recipe_class("colorization")(small_encoder((18, 18, 3)))
+
+
+def test_colour_images_mask_against_hand_examples():
+    """The released code's non-grey mask: an image counts when any pixel's |a| or |b| exceeds 5."""
+    ab = np.zeros((4, 2, 2, 2))
+    ab[1, 0, 1, 0] = 5.0  # at the threshold: still grey
+    ab[2, 1, 1, 1] = -5.5  # one bluish pixel: colour
+    ab[3] = 40.0
+    np.testing.assert_array_equal(colour_images(tf.constant(ab)).numpy(), [0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(colour_images(tf.constant(ab), threshold=6.0).numpy(), [0.0, 0.0, 0.0, 1.0])
+
+
+def test_grey_images_teach_nothing_unless_asked():
+    """A batch of grey images has loss 0 and no gradient with the mask; without it (None) it trains."""
+    grey = np.repeat(np.random.RandomState(3).randint(0, 256, (4, 16, 16, 1)), 3, axis=-1).astype("uint8")
+    for threshold, trains in ((5.0, False), (None, True)):
+        keras.utils.set_random_seed(0)
+        recipe = get_recipe_class("colorization")(small_encoder(SHAPE), decoder_dim=8, grey_threshold=threshold)
+        recipe.compile(optimizer=keras.optimizers.SGD(0.1))
+        assert recipe.get_config()["grey_threshold"] == threshold
+        with tf.GradientTape() as tape:
+            loss, _ = recipe.loss_terms({"image": tf.constant(grey)})
+        gradients = tape.gradient(loss, recipe.trainable_variables)
+        largest = max(float(tf.reduce_max(tf.abs(g))) for g in gradients if g is not None)
+        assert (float(loss) > 0 and largest > 0) if trains else (float(loss) == 0 and largest == 0), threshold
 
 
 def _state(recipe):

@@ -47,10 +47,15 @@ needs colour images: a 1-channel dataset (Fashion-MNIST) raises a ValueError. Fe
 learned on grey inputs are evaluated, as every recipe's, on the dataset's own colour
 images: the encoder never sees colour in training.
 
+Grey images: the authors' released training network also drops images without colour from
+the loss (its non-grey mask, not described in the paper): an image counts only if one of its
+target pixels has |a| or |b| above 5 (`grey_threshold`; `colour_images`). A grey photo has
+no colour to teach, and its all-grey targets would only pull predictions toward grey. Its
+pixels still count in the bin distribution, and the loss is still divided by the whole
+global batch, as the released network's mask multiplies the per-image loss.
+
 Augmentation: the random translation (12.5% of the side, reflected) and flip of
-`recipes.semi.randaugment.weak_view`, as RotNet. Not done: the authors' released training
-code also drops nearly grey images from the loss (a "non-grey mask"), which the paper does
-not describe.
+`recipes.semi.randaugment.weak_view`, as RotNet.
 """
 
 import functools
@@ -163,6 +168,15 @@ def soft_encode(ab, bins, num_neighbors: int = 5, sigma: float = 5.0):
     return indices, weights
 
 
+def colour_images(ab, threshold: float = 5.0):
+    """1.0 for an image with colour, 0.0 for a grey one: [B, H, W, 2] ab -> [B].
+
+    An image has colour when at least one pixel has |a| or |b| above `threshold` (the
+    released training code's non-grey mask, on the subsampled target pixels)."""
+    coloured = tf.reduce_any(tf.abs(ab) > threshold, axis=[1, 2, 3])
+    return tf.cast(coloured, ab.dtype)
+
+
 def dense_soft_encoding(indices, weights, num_bins: int):
     """The sparse targets of `soft_encode` as the dense distribution Z [..., Q]."""
     return tf.reduce_sum(tf.one_hot(indices, num_bins, dtype=weights.dtype) * weights[..., None], axis=-2)
@@ -245,6 +259,8 @@ class Colorization(Recipe):
       prior_steps: steps whose target pixels estimate the empirical distribution (1000); then frozen.
       temperature: T of the annealed mean, used by `predict_ab` only (0.38).
       translate: largest random shift, fraction of the side (0.125).
+      grey_threshold: an image counts in the loss only if a target pixel's |a| or |b| exceeds
+        it (5, the released code's non-grey mask); None counts every image.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
       seed: augmentation seed.
     """
@@ -254,7 +270,7 @@ class Colorization(Recipe):
 
     def __init__(self, encoder, decoder_dim=64, target_stride=4, grid_size=10.0, num_neighbors=5, sigma=5.0,
                  prior_sigma=5.0, rebalance_lambda=0.5, prior_steps=1000, temperature=0.38, translate=0.125,
-                 bn_splits=None, seed=0, **kwargs):
+                 grey_threshold=5.0, bn_splits=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         height, width, channels = encoder.input_shape[1:]
         if channels != 3:
@@ -273,6 +289,7 @@ class Colorization(Recipe):
         if self.prior_steps < 1:
             raise ValueError(f"prior_steps must be >= 1 (the rebalancing needs an estimate), got {prior_steps}.")
         self.temperature, self.translate = float(temperature), float(translate)
+        self.grey_threshold = None if grey_threshold is None else float(grey_threshold)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
 
         self.bins = ab_bins(self.grid_size)
@@ -291,7 +308,7 @@ class Colorization(Recipe):
                 "grid_size": self.grid_size, "num_neighbors": self.num_neighbors, "sigma": self.sigma,
                 "prior_sigma": self.prior_sigma, "rebalance_lambda": self.rebalance_lambda,
                 "prior_steps": self.prior_steps, "temperature": self.temperature, "translate": self.translate,
-                "bn_splits": self.bn_splits}
+                "grey_threshold": self.grey_threshold, "bn_splits": self.bn_splits}
 
     @property
     def metrics(self):
@@ -308,10 +325,9 @@ class Colorization(Recipe):
         logits = self.decoder(self.encoder(desaturate(images), training=False), training=False)
         return annealed_mean(logits, self.bins, self.temperature)
 
-    def targets(self, views):
-        """Soft-encoded ab of every `target_stride`-th pixel: (indices, weights), each [B, h, w, k]."""
-        ab = rgb_to_lab(views)[:, ::self.target_stride, ::self.target_stride, 1:]
-        return soft_encode(ab, self.bins, self.num_neighbors, self.sigma)
+    def target_ab(self, views):
+        """The true ab [B, h, w, 2] of every `target_stride`-th pixel."""
+        return rgb_to_lab(views)[:, ::self.target_stride, ::self.target_stride, 1:]
 
     def updated_prior(self, nearest):
         """(distribution, pixels) after counting the global batch's nearest bins, while counting lasts."""
@@ -328,12 +344,15 @@ class Colorization(Recipe):
         images = data["image"]
         global_batch = self.global_batch(images)
         views = weak_view(images, self.step_seed(1), global_batch, self.translate)
-        indices, weights = self.targets(views)
+        ab = self.target_ab(views)
+        indices, weights = soft_encode(ab, self.bins, self.num_neighbors, self.sigma)
         nearest = indices[..., 0]
         prior, pixels = self.updated_prior(nearest)
         class_weights = rebalancing_weights(prior, self.bins, self.rebalance_lambda, self.prior_sigma)
         logits = tf.cast(self.colour_logits(views), self.variable_dtype)
         losses = colorization_loss(logits, indices, weights, tf.gather(class_weights, nearest))
+        if self.grey_threshold is not None:
+            losses *= tf.cast(colour_images(ab, self.grey_threshold), losses.dtype)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), nearest)
         self.accuracy_tracker.update_state(tf.reduce_mean(tf.cast(hits, tf.float32), axis=[1, 2]))
         return tf.reduce_sum(losses) / global_batch, {"prior": prior, "prior_pixels": pixels}
