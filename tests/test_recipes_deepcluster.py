@@ -139,7 +139,7 @@ def test_deepcluster_loss_is_the_weighted_cross_entropy_of_each_images_cluster()
     from recipes.augment import random_view
 
     with float64():
-        recipe = _deepcluster()()
+        recipe = _deepcluster(dropout=0.0)()
         recipe.compile(optimizer=keras.optimizers.SGD(0.1))
         recipe.optimizer.build(recipe.optimized_variables)
         labels = np.array([3, 0, 1, 2, 2, 1, 0, 3, 1, 1, 0, 0, 0, 2, 3, 3], np.int32)
@@ -148,15 +148,48 @@ def test_deepcluster_loss_is_the_weighted_cross_entropy_of_each_images_cluster()
         images, index = _images(16), np.random.RandomState(3).permutation(16)
         loss, _ = recipe.loss_terms({"image": tf.constant(images), "index": tf.constant(index)})
         views = random_view(tf.constant(images), recipe.step_seed(1), recipe.view_policy, 16)
-        logits = recipe.encode_in_groups(recipe._logits, views, 2).numpy()
+        logits = recipe.head_logits(recipe.encode_in_groups(
+            lambda x, training: recipe.encoder(x, training=training), views, 2)).numpy()
         log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         expected = -np.sum(weights[index] * log_probs[np.arange(16), labels[index]]) / 16
         np.testing.assert_allclose(float(loss), expected, rtol=1e-12)
 
 
+def test_dropout_drops_the_inputs_of_the_fc_layers_only_in_training():
+    """The paper's AlexNet: Dropout(0.5) before fc6 and fc7, none before the top layer. In numpy:
+    the head's Dense layers on inputs masked by the drawn global-batch masks, kept units x 2;
+    without draws (the clustering's features, evaluation) nothing is dropped."""
+    from recipes.augment import GlobalDraws
+
+    with float64():
+        recipe = _deepcluster()()
+        assert recipe.get_config()["dropout"] == 0.5
+        features = np.random.RandomState(4).normal(size=(6, recipe.encoder.output_shape[-1]))
+        seed = tf.constant([5, 6], tf.int32)
+        logits = recipe.head_logits(tf.constant(features), GlobalDraws(seed, 6, 6)).numpy()
+
+        masks = GlobalDraws(seed, 6, 6)
+        (w1, b1), (w2, b2) = [(d.kernel.numpy(), d.bias.numpy()) for d in recipe.head.layers
+                              if isinstance(d, keras.layers.Dense)]
+        keep1 = masks.uniform(shape=(w1.shape[0],)).numpy() >= 0.5
+        hidden = np.maximum((features * keep1 * 2.0) @ w1 + b1, 0.0)
+        keep2 = masks.uniform(shape=(w2.shape[0],)).numpy() >= 0.5
+        top = np.maximum((hidden * keep2 * 2.0) @ w2 + b2, 0.0)
+        expected = top @ recipe.classifier.kernel.numpy() + recipe.classifier.bias.numpy()
+        np.testing.assert_allclose(logits, expected, rtol=1e-10)
+        assert 0.2 < keep1.mean() < 0.8  # some units dropped, some kept
+        undropped = np.maximum(np.maximum(features @ w1 + b1, 0.0) @ w2 + b2, 0.0)
+        np.testing.assert_allclose(recipe.head_logits(tf.constant(features)).numpy(),
+                                   undropped @ recipe.classifier.kernel.numpy() + recipe.classifier.bias.numpy(),
+                                   rtol=1e-10)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        _deepcluster(dropout=1.0)()
+
+
 def test_deepcluster_clustering_and_train_step_one_vs_two_replicas():
     """The clustering (cross-replica, one device) gives the same labels under either strategy;
-    the weighted train step then matches in loss, gradients and weights, and learns."""
+    the weighted train step, dropout included (global-batch masks), then matches in loss,
+    gradients and weights, and learns."""
     images = _images(16)
     batch = {"image": images, "index": np.arange(16)[::-1].copy()}
     with float64():

@@ -40,9 +40,14 @@ k-means run in numpy (float64) with a seed fixed by the epoch, so every replica 
 worker derives the same labels. Labels and weights are non-trainable variables, written
 to every replica; the train step refuses to run before the first clustering.
 
-Differences from the paper, on purpose: no dropout in the MLP head (the paper's AlexNet
-has Dropout(0.5) before each fc layer; Keras draws its masks per replica, which would
-break the 1-vs-N-replica equality the tests check); loss weights instead of a sampler
+Dropout: the paper's AlexNet drops half of the inputs of each fc layer (fc6, fc7) in
+training, not those of the top layer, and never when computing features for k-means.
+Here `dropout` (0.5) does the same on the inputs of the MLP head's two Dense layers, with
+masks drawn for the global batch from the step's seed and sliced per replica
+(`recipes.augment.GlobalDraws`; Keras' Dropout layer draws per replica), so 1 and N
+replicas drop the same units. Without a head (`hidden_dim=0`) there is no dropout.
+
+Differences from the paper, on purpose: loss weights instead of a sampler
 (above); the top layer shares the run's optimizer (SGD with momentum in the CLI), reset
 at each clustering, where the paper's gives it a plain SGD without momentum; no Sobel
 filter (the paper's input for colour ImageNet, to keep colour from being an easy cue:
@@ -57,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from recipes import distribute
-from recipes.augment import ViewPolicy, random_view
+from recipes.augment import GlobalDraws, ViewPolicy, random_view
 from recipes.base import Recipe, register
 from recipes.evaluate import feature_extractor
 from recipes.heads import mlp
@@ -211,6 +216,8 @@ class DeepCluster(Recipe):
       hidden_dim: width of the 2-layer MLP head (Dense-ReLU-Dense) between encoder and
         classifier, whose output k-means clusters (the paper's fc6-fc7, 4096 wide for
         AlexNet's 9216-d conv features); 0 = no head, cluster the encoder's features.
+      dropout: rate on the inputs of the MLP head's Dense layers in training (0.5, the
+        paper's before fc6 and fc7); 0 = none.
       feature_batch_size: images per forward pass when computing features for clustering.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
       view_policy: augmentation fields to change from the paper's crop + flip (a dict).
@@ -220,13 +227,14 @@ class DeepCluster(Recipe):
     needs_index = True
 
     def __init__(self, encoder, dataset_size=60000, num_clusters=100, pca_dim=256, kmeans_iterations=20,
-                 hidden_dim=512, feature_batch_size=1024, bn_splits=None, view_policy=None, seed=0, **kwargs):
+                 hidden_dim=512, dropout=0.5, feature_batch_size=1024, bn_splits=None, view_policy=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.dataset_size = int(dataset_size)
         self.num_clusters = int(num_clusters)
         self.pca_dim = int(pca_dim)
         self.kmeans_iterations = int(kmeans_iterations)
         self.hidden_dim = int(hidden_dim or 0)
+        self.dropout = float(dropout)
         self.feature_batch_size = int(feature_batch_size)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
         self.view_policy = DEEPCLUSTER_VIEW.updated(view_policy or {})
@@ -235,6 +243,8 @@ class DeepCluster(Recipe):
         if self.num_clusters > self.dataset_size:
             raise ValueError(f"num_clusters={self.num_clusters} exceeds the {self.dataset_size} images: "
                              "k-means starts from num_clusters distinct images.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DeepCluster's dropout must be in [0, 1), got {dropout}.")
         if self.pca_dim < 1 or self.kmeans_iterations < 1 or self.feature_batch_size < 1 or self.hidden_dim < 0:
             raise ValueError(f"DeepCluster needs pca_dim >= 1, kmeans_iterations >= 1, feature_batch_size >= 1 and "
                              f"hidden_dim >= 0; got {self.pca_dim}, {self.kmeans_iterations}, "
@@ -259,7 +269,7 @@ class DeepCluster(Recipe):
     def get_config(self):
         return {**super().get_config(), "dataset_size": self.dataset_size, "num_clusters": self.num_clusters,
                 "pca_dim": self.pca_dim, "kmeans_iterations": self.kmeans_iterations, "hidden_dim": self.hidden_dim,
-                "feature_batch_size": self.feature_batch_size, "bn_splits": self.bn_splits,
+                "dropout": self.dropout, "feature_batch_size": self.feature_batch_size, "bn_splits": self.bn_splits,
                 "view_policy": self.view_policy.to_config()}
 
     @property
@@ -275,9 +285,18 @@ class DeepCluster(Recipe):
         features = self.encoder(x, training=training)
         return features if self.head is None else self.head(features, training=training)
 
-    def _logits(self, x, training):
-        features = self._features(x, training)
-        return self.classifier(features if self.head is None else tf.nn.relu(features))
+    def head_logits(self, features, draws=None):
+        """Top-layer logits from encoder features, through the MLP head (and its final ReLU);
+        with `draws` (a `GlobalDraws`, training), the paper's dropout before each Dense layer."""
+        if self.head is None:
+            return self.classifier(features)
+        x = features
+        for layer in self.head.layers:  # Dense, ReLU, Dense: no BatchNorm, so no BN groups needed
+            if draws is not None and self.dropout and isinstance(layer, keras.layers.Dense):
+                keep = draws.uniform(shape=(x.shape[-1],)) >= self.dropout
+                x = x * tf.cast(keep, x.dtype) / (1.0 - self.dropout)
+            x = layer(x)
+        return self.classifier(tf.nn.relu(x))
 
     # ---- training on the pseudo-labels ---------------------------------------------
     def loss_terms(self, data):
@@ -288,9 +307,11 @@ class DeepCluster(Recipe):
             labels, message="DeepCluster's pseudo-labels were never computed: cluster first "
                             "(recipe.cluster(images), or fit with recipe.training_callbacks(images)).")
         with tf.control_dependencies([check]):
-            logits = self.encode_in_groups(self._logits, random_view(images, self.step_seed(1), self.view_policy,
-                                                                    global_batch),
-                                           self.bn_splits or self.num_replicas)
+            views = random_view(images, self.step_seed(1), self.view_policy, global_batch)
+            features = self.encode_in_groups(lambda x, training: self.encoder(x, training=training), views,
+                                             self.bn_splits or self.num_replicas)
+        draws = GlobalDraws(self.step_seed(2), global_batch, images.shape[0])
+        logits = self.head_logits(features, draws)
         weights = tf.cast(tf.gather(self.sample_weights.value, index), logits.dtype)
         losses = pretext_cross_entropy(logits, labels)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
