@@ -5,8 +5,9 @@ Budget: the training time of MoCo's quality run (45 epochs). A recipe gets the n
 epochs that takes the same time on this machine, from the train-step throughputs measured
 by `benchmarks/throughput.py --settings=fmnist` (a recipe twice as slow per image gets half
 the epochs; SeLa's and DeepCluster's label steps over the training set are timed apart and
-paid from the same budget). Equal time, not equal epochs, because the question our users ask is "what do I
-get for an hour of CPU", and equal epochs would give CPC or DINO several times MoCo's time.
+paid from the same budget). Equal time, not equal epochs, because the question our users
+ask is "what do I get for an hour of CPU", and equal epochs would give CPC or DINO several
+times MoCo's time.
 
 Optimizer: MoCo's quality-run flags for all (SGD momentum 0.9, lr 0.06, weight decay 5e-4,
 cosine, batch 256), as lightly's CIFAR-10 benchmark uses one SGD setting for every method,
