@@ -40,7 +40,7 @@ k-means run in numpy (float64) with a seed fixed by the epoch, so every replica 
 worker derives the same labels. Labels and weights are non-trainable variables, written
 to every replica; the train step refuses to run before the first clustering.
 
-Dropout: the paper's AlexNet drops half of the inputs of each fc layer (fc6, fc7) in
+Dropout: the released code's AlexNet drops half of the inputs of each fc layer (fc6, fc7) in
 training, not those of the top layer, and never when computing features for k-means.
 Here `dropout` (0.5) does the same on the inputs of the MLP head's two Dense layers, with
 masks drawn for the global batch from the step's seed and sliced per replica
@@ -217,7 +217,7 @@ class DeepCluster(Recipe):
         classifier, whose output k-means clusters (the paper's fc6-fc7, 4096 wide for
         AlexNet's 9216-d conv features); 0 = no head, cluster the encoder's features.
       dropout: rate on the inputs of the MLP head's Dense layers in training (0.5, the
-        paper's before fc6 and fc7); 0 = none.
+        released code's before fc6 and fc7); 0 = none.
       feature_batch_size: images per forward pass when computing features for clustering.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
       view_policy: augmentation fields to change from the paper's crop + flip (a dict).
@@ -227,7 +227,8 @@ class DeepCluster(Recipe):
     needs_index = True
 
     def __init__(self, encoder, dataset_size=60000, num_clusters=100, pca_dim=256, kmeans_iterations=20,
-                 hidden_dim=512, dropout=0.5, feature_batch_size=1024, bn_splits=None, view_policy=None, seed=0, **kwargs):
+                 hidden_dim=512, dropout=0.5, feature_batch_size=1024, bn_splits=None, view_policy=None, seed=0,
+                 **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
         self.dataset_size = int(dataset_size)
         self.num_clusters = int(num_clusters)
