@@ -1,5 +1,6 @@
 """Pretext-task recipes (RotNet): rotations against numpy, distributed equality, learning."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,9 +49,42 @@ def test_counting_tiles_and_downsampling_against_numpy():
     tiles = tiles_2x2(tf.constant(images)).numpy()
     np.testing.assert_array_equal(tiles[1, 2], images[1, 2:, :2])  # bottom-left
     area = images.reshape(2, 2, 2, 2, 2, 1).mean(axis=(2, 4))
-    down = downsample(tf.constant(images), tf.constant([True, False])).numpy()
+    down = downsample(tf.constant(images), tf.constant([0, 1])).numpy()
     np.testing.assert_allclose(down[0], area[0])
-    np.testing.assert_allclose(down[1], tf.image.resize(images[1:], (2, 2), "bilinear")[0])
+    np.testing.assert_allclose(down[1], tf.image.resize(images[1:], (2, 2), "nearest")[0])
+
+
+def test_counting_downsampling_methods_really_differ():
+    """Each method leaves its own artefacts (a bilinear resize by exactly 2 would equal area averaging):
+    every pair of methods gives another half-size image of the same random image."""
+    from recipes.pretext.counting import DOWNSAMPLING, downsample
+
+    image = np.random.RandomState(5).rand(1, 28, 28, 1) * 255
+    variants = [downsample(tf.constant(image), tf.constant([m])).numpy() for m in range(len(DOWNSAMPLING))]
+    for i in range(len(variants)):
+        for j in range(i + 1, len(variants)):
+            assert np.abs(variants[i] - variants[j]).max() > 5.0, (DOWNSAMPLING[i], DOWNSAMPLING[j])
+
+
+def test_counting_normalizes_an_image_and_its_tiles_together():
+    """phi(D x) and phi(T_j x) come from one training-mode call, so BatchNorm uses one set of
+    statistics for both: the loss equals counting_loss on the counts of that one call (two
+    calls, one per input kind, would normalize each with its own statistics and differ)."""
+    from recipes.losses import counting_loss
+    from recipes.pretext.counting import DOWNSAMPLING, downsample, tiles_2x2
+
+    images = np.random.RandomState(4).randint(0, 256, (4, *SHAPE)).astype("float64")
+    with float64():
+        recipe = get_recipe_class("counting")(small_encoder(SHAPE), count_dim=16)
+        recipe.compile(optimizer=keras.optimizers.SGD(0.1))
+        loss, _ = recipe.loss_terms({"image": tf.constant(images)})
+        method = tf.random.stateless_uniform([4], recipe.step_seed(1), 0, len(DOWNSAMPLING), dtype=tf.int32)
+        whole_and_tiles = np.concatenate([downsample(tf.constant(images), method).numpy()[:, None],
+                                          tiles_2x2(tf.constant(images)).numpy()], axis=1)
+        counts = recipe.counter(recipe.half_encoder(whole_and_tiles.reshape(20, 8, 8, 1), training=True)).numpy()
+        counts = counts.reshape(4, 5, 16)
+        expected = counting_loss(counts[:, 0], counts[:, 1:].sum(1), np.roll(counts[:, 0], -1, axis=0), 10.0)
+        np.testing.assert_allclose(float(loss), float(tf.reduce_sum(expected)) / 4, rtol=1e-9)
 
 
 def test_counting_one_vs_two_replicas_and_learning():

@@ -8,11 +8,17 @@ features in x are the features in its tiles, so phi(D x) should equal sum_j phi(
 phi = 0 would satisfy that, so a contrastive term asks the counts of another image y to
 differ by at least a margin (`recipes.losses.counting_loss`; y is the next image of the
 global batch). To stop phi from telling a downsampled image from a tile by its
-resampling artefacts, each image is downsampled with a method drawn at random (here:
-area averaging or bilinear), as the paper draws among several.
+resampling artefacts, each image is downsampled with a method drawn at random, as the
+paper draws among several: 2 x 2 area averaging, nearest neighbour, bicubic, Lanczos-5 and
+antialiased bilinear (`DOWNSAMPLING`; a plain bilinear resize by exactly 2 samples between
+pixel pairs and equals area averaging, so it is not a method of its own).
 
 phi here: the encoder (run on half-size inputs; any-size pooling, i.e. a ResNet) and a
-ReLU layer of `count_dim` counts (the paper's AlexNet ends in 1000).
+ReLU layer of `count_dim` counts (the paper's AlexNet ends in 1000). D x and the four tiles
+go through phi in one call (image-major rows, each image's five inputs in one BatchNorm
+group), so in training they are normalized with the same batch statistics: with two calls
+phi(D x) and phi(T_j x) would be two slightly different functions, and the relation is
+about one.
 """
 
 import keras
@@ -31,12 +37,17 @@ def tiles_2x2(images):
                     axis=1)
 
 
-def downsample(images, use_area):
-    """[B, S, S, C] -> [B, S/2, S/2, C], per image by 2 x 2 area averaging or bilinear sampling."""
+# The downsampling methods drawn from, per image: (tf.image.resize method, antialias), "area" = 2 x 2 mean.
+DOWNSAMPLING = (("area", False), ("nearest", False), ("bicubic", False), ("lanczos5", False), ("bilinear", True))
+
+
+def downsample(images, method):
+    """[B, S, S, C] -> [B, S/2, S/2, C], image i by DOWNSAMPLING[method[i]]."""
     half = images.shape[1] // 2
-    area = tf.nn.avg_pool2d(images, 2, 2, "VALID")
-    bilinear = tf.image.resize(images, (half, half), method="bilinear", antialias=False)
-    return tf.where(use_area[:, None, None, None], area, tf.cast(bilinear, area.dtype))
+    variants = [tf.nn.avg_pool2d(images, 2, 2, "VALID") if name == "area" else
+                tf.cast(tf.image.resize(images, (half, half), method=name, antialias=antialias), images.dtype)
+                for name, antialias in DOWNSAMPLING]
+    return tf.gather(tf.stack(variants, axis=1), method, axis=1, batch_dims=1)
 
 
 @register("counting")
@@ -67,19 +78,17 @@ class Counting(Recipe):
         return {**super().get_config(), "count_dim": self.count_dim, "margin": self.margin,
                 "bn_splits": self.bn_splits}
 
-    def _counts(self, images):
-        return self.encode_in_groups(lambda x, training: self.counter(self.half_encoder(x, training=training)),
-                                     images, self.bn_splits or self.num_replicas)
-
     def loss_terms(self, data):
         images = tf.cast(data["image"], self.compute_dtype)
         local_batch, global_batch = images.shape[0], self.global_batch(images)
-        use_area = distribute.replica_slice(
-            tf.random.stateless_uniform([global_batch], self.step_seed(1)) < 0.5, local_batch)
-        whole = self._counts(downsample(images, use_area))
-        tiles = tiles_2x2(images)  # image-major rows, so BN groups hold whole images' tiles
-        tile_counts = self._counts(tf.reshape(tiles, [-1, *tiles.shape[2:]]))
-        tiles_sum = tf.reduce_sum(tf.reshape(tile_counts, [local_batch, 4, self.count_dim]), axis=1)
+        method = distribute.replica_slice(tf.random.stateless_uniform(
+            [global_batch], self.step_seed(1), 0, len(DOWNSAMPLING), dtype=tf.int32), local_batch)
+        # [B, 5, S/2, S/2, C]: D x, then the 4 tiles; image-major rows, so a BN group holds whole images
+        inputs = tf.concat([downsample(images, method)[:, None], tiles_2x2(images)], axis=1)
+        counts = self.encode_in_groups(lambda x, training: self.counter(self.half_encoder(x, training=training)),
+                                       tf.reshape(inputs, [-1, *inputs.shape[2:]]), self.bn_splits or self.num_replicas)
+        counts = tf.reshape(counts, [local_batch, 5, self.count_dim])
+        whole, tiles_sum = counts[:, 0], tf.reduce_sum(counts[:, 1:], axis=1)
         # y: the next image of the global batch (gathered with gradient), its counts must differ
         other = distribute.replica_slice(tf.roll(distribute.all_gather(whole), -1, axis=0), local_batch)
         losses = counting_loss(whole, tiles_sum, other, self.margin)
