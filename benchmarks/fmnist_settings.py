@@ -18,6 +18,7 @@ at lr 4e-4 (loss down to ~15 after 30 steps); CPC v1 (van den Oord et al.) train
 And Barlow Twins, which under SGD learned too slowly for this budget, trains with LARS as its
 paper does; BYOL and DINO with LARS too, in LARC's clip mode as solo-learn's CIFAR configs (all
 three of BYOL's numbers rose over SGD's; DINO went from below the random encoder to above it).
+MAE (a ViT) trains with its paper's AdamW (see OPTIMIZER_OVERRIDES for what differs).
 
 Hyperparameters: the papers size heads for 2048-d ImageNet features; here the encoder
 gives 128-d features (resnet18_small, width 0.25), so heads shrink (solo-learn's CIFAR
@@ -46,6 +47,11 @@ OPTIMIZER_OVERRIDES = {
     # crops 13 epochs ended below the random encoder (benchmarks/RESULTS.md).
     "dino": {"optimizer": "lars", "lr": "0.3", "weight_decay": "1e-6", "warmup_epochs": "2",
              "optimizer_args": "eta=0.02,clip=true"},
+    # MAE's released pretraining optimizer: AdamW, betas (0.9, 0.95), wd 0.05 (biases and LayerNorm exempt, by
+    # the recipe's compile), lr 1.5e-4 x batch / 256 (1.5e-4 at 256), PyTorch's eps 1e-8, cosine to 0. Differs:
+    # 2 warm-up epochs, not 40 (40 of 800 is 5%; 2 is ~5% of MAE's ~45-epoch budget).
+    "mae": {"optimizer": "adamw", "lr": "1.5e-4", "weight_decay": "0.05", "warmup_epochs": "2",
+            "optimizer_args": "beta_2=0.95,epsilon=1e-8"},
 }
 TRAIN_IMAGES = 60000  # Fashion-MNIST's training split
 STEPS_PER_EPOCH = TRAIN_IMAGES // 256

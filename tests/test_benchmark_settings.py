@@ -80,6 +80,18 @@ def test_optimizer_flags_are_train_flags_given_once_with_overrides_applied():
                                                        "--batch_size=256"]
 
 
+def test_mae_trains_with_its_papers_adamw():
+    """AdamW betas (0.9, 0.95), wd 0.05, lr 1.5e-4 at batch 256, as MAE's released pretraining, and
+    recipes.train builds it from the flags."""
+    mae = dict(flag[2:].split("=", 1) for flag in fmnist_settings.optimizer_flags("mae"))
+    assert (mae["optimizer"], mae["lr"], mae["weight_decay"], mae["batch_size"]) == ("adamw", "1.5e-4", "0.05", "256")
+    assert int(mae["warmup_epochs"]) > 0
+    optimizer = recipes.train.make_optimizer(mae["optimizer"], float(mae["lr"]), float(mae["weight_decay"]), 100,
+                                             10, recipes.train.parse_hparams(mae["optimizer_args"]))
+    assert isinstance(optimizer, keras.optimizers.AdamW)
+    assert (optimizer.beta_1, optimizer.beta_2, optimizer.weight_decay) == (0.9, 0.95, 0.05)
+
+
 SCRIPTS = sorted(name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py"))
 
 

@@ -33,6 +33,21 @@ def test_vit_encoder_pools_tokens_saves_reloads_and_serves(tmp_path):
         backbones.build("vit_tiny_p4", (18, 18, 1), width=0.25)
 
 
+@pytest.mark.parametrize("name, shape", [("vit_tiny_p4", (28, 28, 1)), ("vit_tiny_p16", (32, 32, 3))])
+def test_patch_embedding_is_initialized_as_maes_linear_layer(name, shape):
+    """MAE draws the patch embedding as a Linear layer on the flattened patch (Glorot-uniform with
+    fans C * p * p and dim), not as a convolution (fans times p * p, several times smaller)."""
+    keras.utils.set_random_seed(0)
+    kernel = backbones.build(name, shape, width=1.0, depth=1).get_layer("patch_embed").kernel.numpy()
+    patch, channels, dim = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+    assert (channels, dim) == (shape[-1], 192)
+    limit = np.sqrt(6.0 / (channels * patch * patch + dim))
+    assert limit > 3 * np.sqrt(6.0 / (patch * patch * (channels + dim)))  # Keras's Conv2D Glorot limit
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.99 * limit
+    np.testing.assert_allclose(kernel.std(), limit / np.sqrt(3.0), rtol=0.05)  # a uniform's std
+    np.testing.assert_allclose(kernel.mean(), 0.0, atol=0.05 * limit)
+
+
 def test_sincos_table_encodes_row_and_column_apart():
     table = vit.sincos_position_table(2, 3, 8)  # half the dims: row, half: column
     assert table.shape == (6, 8)
@@ -65,6 +80,23 @@ def test_mae_one_vs_two_replicas_and_learning():
             state_fn=_trainables)
         assert recipe.num_keep == 4 and recipe.get_config()["mask_ratio"] == 0.75
         _loss_drops_on_fixed_views(recipe, batch, learning_rate=0.05)
+
+
+def test_mae_exempts_biases_and_norms_from_weight_decay():
+    """The paper's AdamW decays weight matrices only (timm's rule: no 1-D parameter). With zero
+    gradients AdamW's step is the decay alone: matrices shrink by (1 - lr * wd), 1-D ones stay."""
+    recipe = get_recipe_class("mae")(_vit(), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    recipe.compile(optimizer=keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5))
+    variables = recipe.optimized_variables
+    before = [v.numpy().copy() for v in variables]
+    recipe.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    vectors = [(b, v.numpy()) for b, v in zip(before, variables) if len(b.shape) <= 1]
+    matrices = [(b, v.numpy()) for b, v in zip(before, variables) if len(b.shape) > 1]
+    assert vectors and matrices
+    for old, new in vectors:
+        np.testing.assert_array_equal(new, old)
+    for old, new in matrices:
+        np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5), rtol=1e-5, atol=1e-7)
 
 
 def test_mae_refuses_an_encoder_without_patches():

@@ -15,15 +15,23 @@ every view predicts the code of each other view ("swapped prediction",
 Multi-crop: 2 global crops (scale 0.14-1) and `num_local_crops` small ones (scale
 0.05-0.14 at 96/224 of the side); only the global crops get codes. Codes take no
 gradient. The prototypes are re-normalized before every step and frozen for the first
-`freeze_prototypes_steps` steps (the paper: the first epoch).
+`freeze_prototypes_steps` steps (default 0: set it; the released scripts freeze them for
+about one epoch, 5005 steps at batch 256 and 313 at 4096; `benchmarks/fmnist_settings.py`
+sets one epoch). Frozen here means a zeroed gradient; the released code drops the gradient
+instead, so its optimizer applies no weight decay or momentum to them meanwhile.
 
-Queue: with small batches (the paper: below ~1024) a batch is too few samples to share
-out over K prototypes, so the embeddings of the global crops of recent batches are kept
-(`queue_size`, 3840 at batch 256 in the paper) and enter the Sinkhorn iterations
-beside the batch (their codes are dropped); it is used once `queue_size` rows have
-been enqueued since `queue_start_step` (the paper: epoch 15). The queue is global: every replica holds the
-same rows, counted once in the Sinkhorn sums, while the batch's sums are all-reduced,
-so 1 and N replicas compute the same codes.
+Queue: a small batch is few samples to share out over K prototypes (the code's README: the
+queue helps most with small batches), so the embeddings of the global crops of recent
+batches are kept (`queue_size`; 3840 rows in the released batch-256 scripts, none at 4096)
+and enter the Sinkhorn iterations beside the batch (their codes are dropped); it is used
+once `queue_size` rows have been enqueued since `queue_start_step` (the scripts: epoch 15).
+The queue is global: every replica holds the same rows, counted once in the Sinkhorn sums,
+while the batch's sums are all-reduced, so 1 and N replicas compute the same codes.
+
+BatchNorm, a deliberate difference: each crop is encoded in its own pass, so BN sees one
+view at a time (per `bn_splits` group), where the released code runs all same-size crops
+through the backbone together with synchronized BN; concatenated views would put different
+rows in each BN group on 1 and on N replicas unless interleaved image-major.
 """
 
 import keras
@@ -51,7 +59,7 @@ class SwAV(Recipe):
       sinkhorn_iterations: 3.
       num_local_crops: small crops per image (6 in the paper's 2x224 + 6x96).
       local_crop_size: their side; None = 96/224 of the image side, at least 8 pixels.
-      freeze_prototypes_steps: steps during which the prototypes get no update.
+      freeze_prototypes_steps: steps during which the prototypes get a zero gradient (default 0).
       queue_size: embeddings kept per global crop (0 = no queue); a multiple of the global batch.
       queue_start_step: step from which the queue fills.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.

@@ -7,9 +7,11 @@ task cannot be solved by continuing lines or textures across a shared border (a 
 shortcut"); the jigsaw paper also normalizes each tile's mean and standard deviation on
 its own, so that brightness does not give a tile's position away. Here a square image of
 side S is centre-cropped to 3 * (S // 3) pixels, each cell of side c = S // 3 gives one
-tile of side round(0.75 c) (64 of the jigsaw paper's 85-pixel cells) at a random offset
-in the cell; offsets are drawn for the global batch (`augment.GlobalDraws`), so 1 and N
-replicas cut the same tiles.
+tile of side t = round(0.75 c) (64 of the jigsaw paper's 85-pixel cells). Of the c - t
+spare pixels per cell and axis, half (at least 1) is kept as a gap and the rest is
+jitter, so neighbouring tiles are always at least that gap apart (`tile_offsets`).
+Offsets are drawn for the global batch (`augment.GlobalDraws`), so 1 and N replicas cut
+the same tiles.
 """
 
 import keras
@@ -30,12 +32,24 @@ def tile_geometry(side: int) -> tuple[int, int]:
     return cell, tile
 
 
+def tile_offsets(cell: int, tile: int) -> tuple[int, int]:
+    """(lowest, highest) offset of a tile in its cell: a range of c - t - g + 1 values, g =
+    max(1, (c - t) // 2), so two neighbouring tiles are at least g pixels apart (their gap is
+    c - t + (next offset - this offset))."""
+    spare = cell - tile
+    gap = max(1, spare // 2)
+    if spare < gap:
+        raise ValueError(f"Cells of {cell} px leave no gap between {tile}-px tiles.")
+    return gap // 2, spare - (gap - gap // 2)
+
+
 def grid_tiles(images, seed, global_batch: int):
     """[B, S, S, C] images -> [B, 9, t, t, C] float32 tiles, row-major over the grid."""
     side = images.shape[1]
     if images.shape[2] != side:
         raise ValueError(f"Tiles need square images, got {images.shape[1]}x{images.shape[2]}; use --image_size.")
     cell, tile = tile_geometry(side)
+    low, high = tile_offsets(cell, tile)
     local_batch = images.shape[0]
     draws = GlobalDraws(seed, global_batch, local_batch)
     x = tf.cast(images, tf.float32)
@@ -43,8 +57,8 @@ def grid_tiles(images, seed, global_batch: int):
     boxes = []
     for row in range(GRID):
         for col in range(GRID):
-            top = margin + row * cell + draws.integers(0, cell - tile + 1)
-            left = margin + col * cell + draws.integers(0, cell - tile + 1)
+            top = margin + row * cell + draws.integers(low, high + 1)
+            left = margin + col * cell + draws.integers(low, high + 1)
             top, left = tf.cast(top, tf.float32), tf.cast(left, tf.float32)
             # corners of exact pixels: crop_and_resize samples t points from first to last, inclusive
             boxes.append(tf.stack([top, left, top + tile - 1, left + tile - 1], axis=1) / (side - 1))
@@ -54,10 +68,11 @@ def grid_tiles(images, seed, global_batch: int):
     return tf.reshape(tiles, [local_batch, GRID * GRID, tile, tile, images.shape[-1]])
 
 
-def standardize_tiles(tiles, epsilon=1.0):
-    """Each tile to its own zero mean and unit standard deviation, mapped back to the [0, 255]
-    range encoders take (mean 127.5, std 64): the jigsaw paper's per-tile normalization."""
-    mean, variance = tf.nn.moments(tiles, axes=[-3, -2, -1], keepdims=True)
+def standardize_tiles(tiles, epsilon=1.0, per_channel=False):
+    """Each tile (each of its channels if `per_channel`) to its own zero mean and unit standard
+    deviation, mapped back to the [0, 255] range encoders take (mean 127.5, std 64): the jigsaw
+    paper's per-tile normalization."""
+    mean, variance = tf.nn.moments(tiles, axes=[-3, -2] if per_channel else [-3, -2, -1], keepdims=True)
     return (tiles - mean) / tf.sqrt(variance + epsilon) * 64.0 + 127.5
 
 
