@@ -8,7 +8,7 @@ policies follow the papers:
   Learning"), the SimCLR policy (Chen et al. 2020): random resized crop (scale
   0.2-1, aspect 3/4-4/3), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
   p=0.8, grayscale with p=0.2, Gaussian blur (sigma 0.1-2, kernel ~10% of the side)
-  with p=0.5 where the image is large enough for blur to mean anything (>= 32 px).
+  with p=0.5 on images larger than CIFAR's 32 px (SimCLR's CIFAR runs drop the blur).
 
 Why not keras-cv: it is no longer developed, has no RandomResizedCrop, and its
 RandomApply fails per image inside tf.data. Keras 3 core has colour layers but no
@@ -47,7 +47,7 @@ class ViewPolicy:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.5
-    blur_min_size: int = 32
+    blur_min_size: int = 33  # smallest side blurred: CIFAR's 32 px are not (SimCLR, appendix B.9)
     solarize_p: float = 0.0
 
     def to_config(self) -> dict:

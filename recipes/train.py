@@ -300,6 +300,10 @@ def check_hparam_names(recipe_cls, hparams, extra_names=()):
                          f"Valid: {', '.join(sorted(accepted))}.")
 
 
+# Flags of make_optimizer: the self-supervised recipes' optimizer; the label recipes build their own.
+OPTIMIZER_FLAGS = ("optimizer", "lr", "weight_decay", "warmup_epochs", "optimizer_args")
+
+
 def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
     """Instantiates a recipe, passing run facts only to recipes that ask for them."""
     check_hparam_names(recipe_cls, hparams)
@@ -480,6 +484,12 @@ def train(argv=None) -> dict:
         check_student_encoder(FLAGS.recipe, FLAGS.student_width is not None)
         if FLAGS.recipe in LABEL_RECIPES:
             check_label_flags(FLAGS.labels_per_class, FLAGS.label_fraction)
+            ignored = [f"--{name}" for name in OPTIMIZER_FLAGS if FLAGS[name].present]
+            if ignored:  # would be silently ignored: the label recipes build their own optimizer
+                raise ValueError(f"{', '.join(ignored)}: not used by {FLAGS.recipe}, which trains with its own "
+                                 "optimizer (FixMatch: its paper's SGD with Nesterov momentum, lr 0.03 with cosine "
+                                 "decay, weight decay 5e-4 on the kernels; finetune, pseudo_label and noisy_student: "
+                                 "SGD with Nesterov momentum, lr 0.03). Leave the flag out.")
         if FLAGS.init_from:
             import zoo
 

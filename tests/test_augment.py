@@ -11,12 +11,13 @@ from tests.distributed_utils import two_replica_strategy
 
 
 def test_views_are_bitwise_equal_on_one_and_two_replicas():
-    # 32 px so blur applies; 6 rows per replica against 12 on one device: crop boxes
+    # 32 px, blur asked for (by default CIFAR-size images are not blurred); 6 rows per replica against 12 on one device: crop boxes
     # (exp, sqrt) or blur kernels (exp) computed per replica round differently in the
     # last bit, so both are computed for the global batch and sliced. (Fails if either is not.)
     images = np.random.RandomState(0).randint(0, 256, (12, 32, 32, 3)).astype("uint8")
     seed = tf.constant([3, 4])
-    policy = ViewPolicy(jitter_p=0.0, grayscale_p=0.0, blur_p=1.0)  # crop, flip and blur every image
+    policy = ViewPolicy(jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, blur_min_size=32)  # crop, flip, blur all
+    assert ViewPolicy().blur_min_size > 32
     view = tf.function(lambda x: random_view(x, seed, policy, 12))  # graph mode on both sides
     whole = view(tf.constant(images)).numpy()
     strategy = two_replica_strategy()

@@ -124,8 +124,32 @@ def test_npid_learns_and_asks_for_the_index():
 
 
 # ---- CPC v2 ---------------------------------------------------------------------------
-def _cpc():  # CPC v2's layer-norm patch encoder, what recipes.train builds for it
-    return _maker("cpc", norm=CPC.backbone_norm, prediction_steps=2, context_dim=16)
+def _cpc():  # CPC v2's layer-norm patch encoder, what recipes.train builds for it; 2 steps on a 3x3 grid
+    return _maker("cpc", norm=CPC.backbone_norm, prediction_steps=2, first_step=1, context_dim=16)
+
+
+def test_cpc_predicts_rows_that_share_no_pixel_with_the_context():
+    """8-px patches at stride 4: the row below overlaps the context's row, so the first row
+    predicted is 2 by default, and the loss is InfoNCE for k = 2 only (K = 1 on a 3-row grid):
+    predictions from context rows 0..G-3, targets in rows 2..G-1."""
+    from recipes.losses import cpc_info_nce
+
+    images = _images(2)
+    recipe = CPC(_encoder("layer"), prediction_steps=1, context_dim=16)
+    assert (recipe.first_step, list(recipe.steps), recipe.predictors[0].name) == (2, [2], "predict_2")
+    assert recipe.get_config()["first_step"] == 2
+    recipe.compile(optimizer=keras.optimizers.SGD(0.1))
+    loss, _ = recipe.loss_terms({"image": tf.constant(images)})
+    latents = recipe._latents(tf.constant(images), 2)  # the same step, so the same patch views
+    context = recipe.context_network(latents, training=True)
+    rows, cols = recipe.rows, recipe.cols
+    predictions = recipe.predictors[0](tf.reshape(context[:, :rows - 2], [-1, 16]))
+    target = np.array([(b * rows + i) * cols + j for b in range(2) for i in range(2, rows) for j in range(cols)])
+    candidates = tf.reshape(latents, [-1, latents.shape[-1]])
+    expected = tf.reduce_mean(cpc_info_nce(predictions, candidates, tf.constant(target)))
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match="Rows 2..3 ahead"):
+        CPC(_encoder("layer"), prediction_steps=2)
 
 
 def test_cpc_one_vs_two_replicas_and_learning():
@@ -160,8 +184,8 @@ def test_cpc_published_encoder_pools_the_patch_encoder_and_reloads(tmp_path):
     recipe.encoder.save(path)
     reloaded = keras.models.load_model(path)
     np.testing.assert_allclose(reloaded(images).numpy(), recipe.encoder(images).numpy(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="prediction_steps"):
-        CPC(_encoder(), prediction_steps=3)
+    with pytest.raises(ValueError, match="prediction_steps=3"):
+        CPC(_encoder(), prediction_steps=3, first_step=1)
 
 
 # ---- BYOL -----------------------------------------------------------------------------
@@ -216,6 +240,11 @@ def test_dino_student_learns_toward_a_still_teacher():
 def test_dino_schedules_and_weight_normalized_prototypes():
     np.testing.assert_allclose([float(teacher_temperature(k, 0.04, 0.07, 30)) for k in (0, 15, 30, 99)],
                                [0.04, 0.055, 0.07, 0.07], atol=1e-6)
+    # By default the warm-up covers 30% of the run (0.04 at step 0, as the paper), none without a length.
+    assert get_recipe_class("dino")(_encoder(), total_steps=200, output_dim=8, hidden_dim=8,
+                                    bottleneck_dim=4, num_local_crops=0).warmup_steps == 60
+    fixed = get_recipe_class("dino")(_encoder(), output_dim=8, hidden_dim=8, bottleneck_dim=4, num_local_crops=0)
+    assert fixed.warmup_steps == 0 and fixed.get_config()["teacher_temperature_warmup_steps"] is None
     layer = WeightNormDense(5)
     layer.build((None, 3))
     layer.direction.assign(np.random.RandomState(0).randn(3, 5) * 7)

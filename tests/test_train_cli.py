@@ -295,7 +295,9 @@ def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_pa
                                          (["--labels_per_class=5", "--init_from=no_such_encoder"],
                                           "No model named 'no_such_encoder'"),
                                          (["--labels_per_class=5", "--publish_as=My Model"], "Invalid model name"),
-                                         (["--labels_per_class=5", "--hparams=dropuot=0.1"], "dropuot")])
+                                         (["--labels_per_class=5", "--hparams=dropuot=0.1"], "dropuot"),
+                                         (["--labels_per_class=5", "--lr=0.1", "--weight_decay=0"],
+                                          "--lr, --weight_decay: not used by finetune")])
 def test_command_mistakes_are_refused_before_any_data_is_read(flags, says, data_dir, tmp_path):
     # The dataset does not exist: each mistake must be reported before it would be noticed.
     result = _train(["--recipe=finetune", "--dataset=no_such_dataset", f"--model_dir={tmp_path}",

@@ -9,10 +9,16 @@ stride 32 on 256 px crops, a 7x7 grid; here `patch_size` / `patch_stride` of the
 dataset's side). Each patch is encoded on its own by the backbone and pooled to a
 latent z_{i,j}. A *masked* (causal) context network reads the latents top to bottom:
 its output c_{i,j} depends only on rows <= i. From c_{i,j} a linear map W_k predicts
-the latent k rows below, z_hat_{i+k,j} = W_k c_{i,j}, for k = 1..K, and InfoNCE asks
+the latent k rows below, z_hat_{i+k,j} = W_k c_{i,j}, for k = s..s+K-1, and InfoNCE asks
 each prediction to pick its true latent out of the latents of every other patch, of
 this image and of the other images of the *global* batch (gathered across replicas
 with a correct gradient).
+
+The first step s (`first_step`) skips the rows whose patches overlap the context's own
+row: with 50% overlap the patch one row below shares half its pixels with a patch c_{i,j}
+has seen, so predicting it is partly copying. s defaults to ceil(patch_size /
+patch_stride), the first row that shares no pixel (2 at 50% overlap; re-implementations of
+CPC v2 skip the same rows).
 
 The context network is a stack of residual blocks of row-causal convolutions (a
 (h x 3) kernel padded only above), a small stand-in for the paper's 12-block
@@ -115,7 +121,9 @@ class CPC(Recipe):
         patch_size x patch_size inputs).
       patch_size, patch_stride: patch grid (50% overlap as in the paper by default:
         8 / 4 gives a 6x6 grid on 28 px images, 3x3 on 16 px).
-      prediction_steps: K, how many rows ahead to predict (<= grid rows - 1).
+      prediction_steps: K, how many rows to predict (s + K - 1 <= grid rows - 1).
+      first_step: s, the nearest row predicted; None = ceil(patch_size / patch_stride), the
+        first row whose patches share no pixel with the context's row.
       context_dim: channels of the context network.
       context_blocks: residual blocks of the context network.
       bn_splits: BatchNorm groups over the global batch; None = one per replica.
@@ -125,22 +133,24 @@ class CPC(Recipe):
 
     backbone_norm = "layer"
 
-    def __init__(self, encoder, patch_size=8, patch_stride=4, prediction_steps=3, context_dim=256,
+    def __init__(self, encoder, patch_size=8, patch_stride=4, prediction_steps=3, first_step=None, context_dim=256,
                  context_blocks=2, bn_splits=None, view_policy=None, seed=0, **kwargs):
         image_shape = tuple(encoder.input_shape[1:])
         patch_size, patch_stride = int(patch_size), int(patch_stride)
         rows = grid_size(image_shape[0], patch_size, patch_stride)
         cols = grid_size(image_shape[1], patch_size, patch_stride)
-        if not 1 <= prediction_steps < rows:
-            raise ValueError(f"prediction_steps={prediction_steps} must be in [1, {rows - 1}] for a "
-                             f"{rows}-row patch grid; lower it or the patch stride.")
+        first_step = -(-patch_size // patch_stride) if first_step is None else int(first_step)
+        if first_step < 1 or prediction_steps < 1 or first_step + prediction_steps - 1 > rows - 1:
+            raise ValueError(f"Rows {first_step}..{first_step + prediction_steps - 1} ahead (first_step, "
+                             f"prediction_steps={prediction_steps}) must lie in 1..{rows - 1} for a {rows}-row patch "
+                             f"grid; lower them or the patch stride.")
         patch_encoder = at_input_shape(encoder, (patch_size, patch_size, image_shape[2]),
                                        name=f"{encoder.name}_patch")
         published = grid_encoder(patch_encoder, image_shape, patch_size, patch_stride, encoder.name)
         super().__init__(published, seed=seed, **kwargs)
         self.patch_encoder = patch_encoder
         self.patch_size, self.patch_stride, self.rows, self.cols = patch_size, patch_stride, rows, cols
-        self.prediction_steps = int(prediction_steps)
+        self.prediction_steps, self.first_step = int(prediction_steps), first_step
         self.context_dim = int(context_dim)
         self.context_blocks = int(context_blocks)
         self.bn_splits = None if bn_splits is None else int(bn_splits)
@@ -148,10 +158,14 @@ class CPC(Recipe):
         latent_dim = patch_encoder.output_shape[-1]
         self.context_network = causal_context_network(latent_dim, self.context_dim, self.context_blocks)
         # W_k: one linear prediction per step k, from context to latent space.
-        self.predictors = [layers.Dense(latent_dim, use_bias=False, name=f"predict_{k + 1}")
-                           for k in range(self.prediction_steps)]
+        self.predictors = [layers.Dense(latent_dim, use_bias=False, name=f"predict_{k}") for k in self.steps]
         for predictor in self.predictors:
             predictor.build((None, self.context_dim))
+
+    @property
+    def steps(self) -> range:
+        """The rows ahead that are predicted, k = s..s+K-1."""
+        return range(self.first_step, self.first_step + self.prediction_steps)
 
     @property
     def metrics(self):
@@ -160,8 +174,8 @@ class CPC(Recipe):
 
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size, "patch_stride": self.patch_stride,
-                "prediction_steps": self.prediction_steps, "context_dim": self.context_dim,
-                "context_blocks": self.context_blocks, "bn_splits": self.bn_splits,
+                "prediction_steps": self.prediction_steps, "first_step": self.first_step,
+                "context_dim": self.context_dim, "context_blocks": self.context_blocks, "bn_splits": self.bn_splits,
                 "view_policy": self.view_policy.to_config()}
 
     def _latents(self, images, global_batch):
@@ -190,7 +204,7 @@ class CPC(Recipe):
         image_ids = tf.range(local_batch)[:, None, None] + first_image
         cols = tf.range(self.cols)[None, None, :]
         total, count = 0.0, 0
-        for k, predictor in enumerate(self.predictors, start=1):
+        for k, predictor in zip(self.steps, self.predictors):
             source_rows = self.rows - k
             predictions = predictor(tf.reshape(context[:, :source_rows], [-1, self.context_dim]))
             target_rows = tf.range(k, self.rows)[None, :, None]

@@ -65,12 +65,15 @@ class DINO(Recipe):
       hidden_dim, bottleneck_dim: head sizes (2048, 256).
       student_temperature: T_s (0.1).
       warmup_teacher_temperature, teacher_temperature: T_t goes from the first to the
-        second over `teacher_temperature_warmup_steps` (0.04 -> 0.07 over 30 epochs).
+        second over `teacher_temperature_warmup_steps` (0.04 -> 0.07 over the paper's first
+        30 epochs); None = 30% of `total_steps` (30 of its 100-epoch runs), or no warm-up
+        (T_t = `teacher_temperature` throughout) when `total_steps` is unknown.
       center_momentum: EMA rate of the centre (0.9).
       num_local_crops: N local views (8 in the paper's default).
       local_crop_size: side of the local views; None = 96/224 of the image side, at
         least 8 pixels.
-      freeze_last_layer_steps: steps during which the prototypes layer is not updated.
+      freeze_last_layer_steps: steps during which the prototypes layer is not updated
+        (default 0; the paper freezes it for the first epoch: pass that epoch's steps).
       norm_last_layer: keep every prototype at norm 1 (True, the paper's default); False
         trains the norms too.
       head_batch_norm: BN after the head's hidden layers (the paper code's
@@ -84,7 +87,7 @@ class DINO(Recipe):
 
     def __init__(self, encoder, total_steps=None, momentum_base=0.996, output_dim=65536, hidden_dim=2048,
                  bottleneck_dim=256, student_temperature=0.1, warmup_teacher_temperature=0.04,
-                 teacher_temperature=0.07, teacher_temperature_warmup_steps=0, center_momentum=0.9,
+                 teacher_temperature=0.07, teacher_temperature_warmup_steps=None, center_momentum=0.9,
                  num_local_crops=8, local_crop_size=None, freeze_last_layer_steps=0, norm_last_layer=True,
                  head_batch_norm=False, bn_splits=None, view_policies=None, seed=0, **kwargs):
         super().__init__(encoder, seed=seed, **kwargs)
@@ -96,7 +99,8 @@ class DINO(Recipe):
         self.student_temperature = float(student_temperature)
         self.warmup_teacher_temperature = float(warmup_teacher_temperature)
         self.teacher_temperature = float(teacher_temperature)
-        self.teacher_temperature_warmup_steps = int(teacher_temperature_warmup_steps)
+        self.teacher_temperature_warmup_steps = (None if teacher_temperature_warmup_steps is None
+                                                 else int(teacher_temperature_warmup_steps))
         self.center_momentum = float(center_momentum)
         self.num_local_crops = int(num_local_crops)
         channels = encoder.input_shape[-1]
@@ -118,6 +122,13 @@ class DINO(Recipe):
         self.center = self.add_weight(shape=(self.output_dim,), initializer="zeros", trainable=False,
                                       name="center")
         self.temperature_tracker = keras.metrics.Mean(name="teacher_temperature")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of the teacher-temperature warm-up (`teacher_temperature_warmup_steps` resolved)."""
+        if self.teacher_temperature_warmup_steps is not None:
+            return self.teacher_temperature_warmup_steps
+        return int(0.3 * self.total_steps) if self.total_steps else 0
 
     def get_config(self):
         return {**super().get_config(), "total_steps": self.total_steps, "momentum_base": self.momentum_base,
@@ -160,7 +171,7 @@ class DINO(Recipe):
         teacher = [tf.stop_gradient(self._outputs(self.teacher_encoder, self.teacher_head, v))
                    for v in global_views]
         temperature = teacher_temperature(self.optimizer.iterations, self.warmup_teacher_temperature,
-                                          self.teacher_temperature, self.teacher_temperature_warmup_steps)
+                                          self.teacher_temperature, self.warmup_steps)
         self.temperature_tracker.update_state(temperature)
         losses = dino_loss(student, teacher, self.center.value, self.student_temperature, temperature)
         batch_center = tf.reduce_mean(distribute.all_gather(tf.concat(teacher, axis=0)), axis=0)

@@ -17,9 +17,10 @@ moving average of the weights (decay 0.999).
 
 Batch normalization: the reference code runs the labelled, weak and strong images
 as one batch, so BN sees all three. Here the concatenation is done per group of
-`bn_splits` equal groups of the global batch (default: one group per replica, i.e.
-per-device BN as on the paper's multi-GPU runs); the computation is then the same on
-1 device with `bn_splits=N` as on N replicas.
+`bn_splits` equal groups of the global batch (default: one group per replica), each
+group holding its share of all three parts; the computation is then the same on 1
+device with `bn_splits=N` as on N replicas. (The reference code instead splits the
+concatenated batch into contiguous chunks per GPU, so its devices see different mixes.)
 
 Distribution alignment (optional, `distribution_alignment=True`; not in FixMatch,
 from ReMixMatch, Berthelot et al. 2020, sec. 3.2): before the threshold, each weak
@@ -213,8 +214,9 @@ class FixMatch(Recipe):
                                            batch_mean[None, :])
 
     def after_update(self, data, state):
-        """EMA of all float weights, BN statistics included (as the reference TF code does);
-        the prediction history of distribution alignment."""
+        """EMA of all float weights, BN moving statistics included (the reference TF code
+        averages only the trainable weights and evaluates with the online model's BN
+        statistics); the prediction history of distribution alignment."""
         targets, values = [], []
         if "prediction_history" in state:
             targets.append(self.prediction_history)

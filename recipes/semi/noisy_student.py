@@ -12,20 +12,24 @@ teacher's answer on a harder, perturbed input, so it learns invariances the
 teacher never had, and in a larger model it has the capacity to.
 
 Noise used here, as in the paper:
-  * input noise: RandAugment (N=2, magnitude 27/30 = 0.9 by default; sec. 3.1);
+  * input noise: RandAugment (N=2, magnitude 0.9 of our operations' full strength by
+    default, our choice: the paper's M=27 is on its code's scale where 10 is
+    AutoAugment's maximum, and its 32-px SVHN script uses 5, i.e. 0.5);
   * model noise: dropout (0.5 in the paper) on the features before the classifier,
     and stochastic depth in the encoder's residual blocks (survival probability 0.8
     at the last block, decaying linearly; `zoo.backbones.with_stochastic_depth`).
     The published encoder is a plain copy: noise is a training-time device only.
 
 Data filtering and balancing (sec. 2): keep images whose top class probability is
->= 0.3, then per class the K most confident, duplicating images of classes with
-fewer than K (`per_class=K, fill_classes=True`). Soft labels are the default (the
+>= 0.3; with `per_class=K` (off by default, since K depends on the data), per class the
+K most confident, duplicating images of classes with fewer than K (`fill_classes=True`),
+as the paper's code balances. Soft labels are the default (the
 paper finds them at least as good as hard ones, better out of domain). The student
 is trained from scratch by default (`init_from_teacher=False`).
 
 The first teacher is trained without the student's noise by default
-(`teacher_noise=False`), as step (1) of Algorithm 1 states: plain cross-entropy on
+(`teacher_noise=False`; our choice: the paper's "unnoised teacher" is about generating
+pseudo-labels, and its ImageNet teachers trained with RandAugment): plain cross-entropy on
 the labelled images, here with the standard flip-and-translate augmentation and
 neither dropout nor stochastic depth, i.e. the supervised-only model. With few labels
 the noised teacher underfits: on Fashion-MNIST with 600 labels it ended 2.7 points
@@ -43,8 +47,9 @@ from recipes.semi.finetune import FineTune
 from recipes.semi.self_training import SelfTrainingMixin, run_self_training
 from zoo.backbones import with_stochastic_depth
 
-PAPER_STRONG_POLICY = {"num_ops": 2, "magnitude": 0.9, "cutout": 0.0}
-# The first teacher without the student's noise (Algorithm 1, step 1): a supervised-only model.
+# The paper's N=2 and no Cutout; the magnitude is ours (see the module docstring).
+STUDENT_STRONG_POLICY = {"num_ops": 2, "magnitude": 0.9, "cutout": 0.0}
+# The first teacher without the student's noise (our default, see the module docstring): a supervised-only model.
 UNNOISED_TEACHER = {"augment": "weak", "dropout": 0.0, "stochastic_depth": 0.0}
 
 
@@ -61,7 +66,7 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
       stochastic_depth: drop rate of the last residual block (0.2 = the paper's
         survival probability 0.8; earlier blocks less); 0 turns it off.
       teacher_noise: train the first teacher (round 0) with the noise above too; by
-        default it trains with `UNNOISED_TEACHER` settings (Algorithm 1, step 1).
+        default it trains with `UNNOISED_TEACHER` settings (a supervised-only model).
       rounds, threshold, hard_labels, per_class, fill_classes, unlabelled_weight,
         init_from_teacher, student_steps_scale, unlabelled_ratio: as in
         `SelfTrainingMixin`; defaults are the paper's (threshold 0.3, soft labels,
@@ -80,7 +85,7 @@ class NoisyStudent(SelfTrainingMixin, FineTune):
         if self.stochastic_depth > 0:
             encoder = with_stochastic_depth(encoder, self.stochastic_depth, seed=kwargs.get("seed", 0))
         super().__init__(encoder, num_classes, augment=augment, dropout=dropout,
-                         strong_policy=PAPER_STRONG_POLICY if strong_policy is None else strong_policy,
+                         strong_policy=STUDENT_STRONG_POLICY if strong_policy is None else strong_policy,
                          **kwargs)
         self._init_self_training(rounds, threshold, hard_labels, per_class, fill_classes,
                                  unlabelled_weight, init_from_teacher, student_steps_scale, unlabelled_ratio)

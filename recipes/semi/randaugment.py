@@ -8,15 +8,19 @@
   from the list below, each at magnitude M. With `magnitude=None` every operation
   draws its own magnitude uniformly at random, FixMatch's "RA" variant (Sohn et al.
   2020, appendix, table 12); Noisy Student (Xie et al. 2020) uses N=2 and a fixed M.
-* Cutout (DeVries & Taylor 2017): a grey square of side up to half the image,
-  which FixMatch applies after RandAugment in every strong view.
+* Cutout (DeVries & Taylor 2017): a grey square of side drawn uniformly up to half the
+  image (the paper's table 12, as TorchSSL), which FixMatch applies after RandAugment in
+  every strong view. The released FixMatch code cuts a fixed half-side square instead
+  (about 4x the area on average): a stronger strong view than ours.
 
 The 14 operations and their ranges at full strength s=1 (sign of the signed ones is
 random): identity, auto-contrast, equalize, brightness / colour / contrast /
-sharpness factor 1 +- 0.9 s (PIL's ImageEnhance semantics), posterize to 8 - 4 s
-bits, solarize above 256 (1 - s), rotate +-30 s degrees, shear x / y +-0.3 s,
-translate x / y +-0.3 s of the side. Geometric operations fill with grey (128), as
-the reference implementations do.
+sharpness factor 1 +- 0.9 s (PIL's ImageEnhance semantics; the range of FixMatch's
+CTAugment code, where table 12 says 0.05-0.95), posterize to 8 - 4 s bits (table 12),
+solarize above 256 (1 - s), rotate +-30 s degrees, shear x / y +-0.3 s, translate x / y
++-0.3 s of the side. Both drawn operations are always applied (as TorchSSL; the
+released RandAugment pool applies each with p=0.5). Geometric operations fill with
+grey (128), as the reference implementations do.
 
 All operations are batched TF ops with per-image parameters, and their randomness
 is drawn for the *global* batch and sliced to this replica's rows (as in
