@@ -48,7 +48,8 @@ class MoCo(Recipe):
       momentum: m of the key encoder EMA (0.999 in the paper; 0.99 is the usual
         choice for short CIFAR-scale schedules).
       temperature: T of InfoNCE (0.2 in MoCo v2).
-      projection_dim, hidden_dim: MLP head sizes (128 and 2048 for ResNet-50).
+      projection_dim, hidden_dim: MLP head sizes (128, and 2048: the released code sets the
+        hidden width to the encoder's feature width, 2048 for ResNet-50; pass yours).
       bn_splits: number of BatchNorm groups over the global batch (shuffle BN).
       symmetric: also swap the two views and average both losses (MoCo v3 style;
         the paper's v2 is asymmetric).

@@ -12,10 +12,13 @@ gathers the projections of all replicas (`distribute.all_gather`, whose backward
 pass returns every replica the gradient its rows received anywhere) and contrasts its
 own anchors with all of them, exactly the single-device computation.
 
-BatchNorm: SimCLR uses global BN. Our encoder's BN layers are per-replica, so the
-encoder and head normalize over `bn_splits` fixed groups of the global batch
-(`Recipe.encode_in_groups`): one group (= global BN) on a single device; set
-`bn_splits` to a multiple of the replica count for results that do not depend on it.
+BatchNorm: SimCLR uses global BN over both views together (its code encodes the two
+views as one batch of 2N). Our encoder's BN layers are per-replica, so the encoder and
+head normalize each view over `bn_splits` fixed groups of the global batch
+(`Recipe.encode_in_groups`): one group (= global BN of that view) on a single device;
+set `bn_splits` to a multiple of the replica count for results that do not depend on
+it. Per view rather than both views at once, so that 1 and N replicas put the same rows
+in each group.
 """
 
 import keras

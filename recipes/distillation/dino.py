@@ -26,7 +26,8 @@ no update, which the paper found stabilizes the start of training.
 Under tf.distribute: augmentation randomness is drawn for the global batch, the
 centre is updated with the mean over the global batch (gathered), and encoders
 normalize over `bn_splits` fixed groups of each view, so 1 and N replicas compute
-the same. The local crops run through the same encoder rebuilt on their smaller
+the same (the released code runs all crops of one size as one batch, so its BN sees
+both global views together: a deliberate difference, for that equality). The local crops run through the same encoder rebuilt on their smaller
 input shape (`heads.at_input_shape`: same layers, same weights).
 
 Left to the optimizer (the training CLI): the paper's AdamW with cosine weight
