@@ -305,11 +305,12 @@ OPTIMIZER_FLAGS = ("optimizer", "lr", "weight_decay", "warmup_epochs", "optimize
 
 
 def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
-    """Instantiates a recipe, passing run facts only to recipes that ask for them."""
+    """Instantiates a recipe, passing run facts only to recipes that ask for them
+    (`needs_total_steps`, `needs_index`); a fact given in `hparams` wins."""
     check_hparam_names(recipe_cls, hparams)
-    accepted = inspect.signature(recipe_cls.__init__).parameters
-    extra = {k: v for k, v in {"total_steps": total_steps, "dataset_size": num_examples}.items()
-             if k in accepted and k not in hparams}
+    facts = {**({"total_steps": total_steps} if recipe_cls.needs_total_steps else {}),
+             **({"dataset_size": num_examples} if recipe_cls.needs_index else {})}
+    extra = {k: v for k, v in facts.items() if k not in hparams}
     return recipe_cls(encoder, seed=seed, **extra, **hparams)
 
 

@@ -351,9 +351,9 @@ def test_a_card_retrains_on_other_data_with_that_datas_size_and_schedule():
 
 
 def test_run_fact_flags_say_which_recipes_take_the_run_facts():
-    """`needs_index` / `needs_total_steps` tell a Keras user (examples/keras_api.py) which recipes
-    take `dataset_size` / `total_steps`; a recipe whose constructor takes one without the flag
-    would silently run with its default (a 60k bank, a constant momentum, no label schedule)."""
+    """`needs_index` / `needs_total_steps` tell recipes.train and a Keras user (examples/keras_api.py)
+    which recipes take `dataset_size` / `total_steps`; a recipe whose constructor takes one without
+    the flag would silently run with its default (a 60k bank, a constant momentum, no label schedule)."""
     import inspect
 
     import recipes  # noqa: F401  (registers every recipe)
