@@ -35,8 +35,9 @@ BUDGET_RECIPE, BUDGET_EPOCHS = "moco", 45
 OPTIMIZER = {"optimizer": "sgd", "lr": "0.06", "weight_decay": "5e-4", "batch_size": "256"}  # recipes.train flags
 OPTIMIZER_OVERRIDES = {
     "cpc": {"optimizer": "adamw", "lr": "4e-4"},
-    # LARS as the Barlow Twins code sets it (eta 0.02, biases and BN at 0.024 x the rate), lr 0.3, 2 warm-up
-    # epochs: held-out kNN 0.795 at epoch 5 against SGD's 0.634 (benchmarks/RESULTS.md).
+    # LARS with the Barlow Twins code's rate for biases and BN (0.0048 / 0.2 = 0.024 x the weights'), but
+    # solo-learn's eta 0.02 (the Barlow Twins code's LARS keeps eta 0.001), lr 0.3, wd 1e-4 (the paper: 1.5e-6),
+    # 2 warm-up epochs: held-out kNN 0.795 at epoch 5 against SGD's 0.634 (benchmarks/RESULTS.md).
     "barlow_twins": {"optimizer": "lars", "lr": "0.3", "weight_decay": "1e-4", "warmup_epochs": "2",
                      "optimizer_args": "eta=0.02,vector_lr_scale=0.024"},
     # LARS in LARC's clip mode, lr 1.0, wd 1e-5, eta 0.02, as solo-learn's CIFAR BYOL: 20 epochs give test kNN

@@ -88,6 +88,17 @@ def _npid(**config):
     return _maker("npid", dataset_size=40, feature_dim=16, **config)
 
 
+def test_simclr_health_metric_finds_the_nearest_view_by_cosine_like_the_loss():
+    """Row 0's own view 2 points its way but is short; another image's is long and off by 45
+    degrees: a raw dot product would pick the long one."""
+    from recipes.contrastive.simclr import nearest_view_hits
+
+    z_1 = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    all_z_2 = tf.constant([[0.1, 0.0], [10.0, 10.0], [0.0, 1.0]])  # rows 1, 2 of another replica's batch too
+    np.testing.assert_array_equal(nearest_view_hits(z_1, all_z_2).numpy(), [1.0, 0.0])
+    np.testing.assert_array_equal(nearest_view_hits(z_1[1:], all_z_2, offset=2).numpy(), [1.0])
+
+
 def test_npid_one_vs_two_replicas_gathers_bank_updates():
     index = np.random.RandomState(1).permutation(40)[:16].astype("int64")
     batch = {"image": _images(16), "index": index}

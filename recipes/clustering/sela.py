@@ -19,15 +19,19 @@ which it patched by re-sampling and re-initializing).
 Several clustering heads (`num_heads`, 10 in the paper), each a linear classifier over
 the encoder's features with its own labels, trained at once; the loss is their mean.
 The label step runs `num_label_updates` times, evenly spaced over the run, the first
-before step 0, as the paper's code spreads its `nopts` label optimizations evenly over
-training, the first at the start.
+before step 0, and relabels every head. The released code does this two other ways: its
+ImageNet script spaces its `nopts` label steps quadratically (dense early: half of them
+in the first quarter of training) and relabels every head; its CIFAR script spaces them
+evenly but relabels one head per step, in turn, with lambda 10 (ours: 25, the ImageNet
+value).
 
 Where the label step runs: it needs the whole dataset, so it is not part of
 `train_step`. `training_callbacks(images)` gives the Keras callback that runs it at the
 scheduled steps (`python -m recipes.train` adds it; pass it to `fit` yourself when
 training from Python). It predicts every image once through a training augmentation
-(the paper's code labels with its training loader) with BatchNorm in inference mode,
-in batches on one device; the Sinkhorn-Knopp iterations are deterministic, so every
+(the paper's code labels with its training loader) with BatchNorm in inference mode
+(the released code leaves the model in training mode, so it normalizes with each
+batch's statistics), in batches on one device; the Sinkhorn-Knopp iterations are deterministic, so every
 replica and every worker derives the same labels. Labels are a non-trainable variable:
 checkpoints keep them and a resumed run continues with the labels it had.
 """

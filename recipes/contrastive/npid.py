@@ -24,7 +24,9 @@ of the whole global batch and writes the same rows, so the banks stay identical.
 
 NCE noise: the paper draws m noise entries per image; we draw one set of m per step,
 shared by the batch (one matmul instead of a [B, m, D] gather, same estimator in
-expectation). Noise indices are drawn statelessly per step, equal on every replica.
+expectation), and Z averages the noise terms only (the released code averages all
+B x (m + 1), positives too). Noise indices are drawn statelessly per step, equal on every
+replica. T = 0.07 is the paper's ImageNet value; the released code's CIFAR script uses 0.1.
 """
 
 import math

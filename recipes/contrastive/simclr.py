@@ -19,6 +19,14 @@ head normalize each view over `bn_splits` fixed groups of the global batch
 set `bn_splits` to a multiple of the replica count for results that do not depend on
 it. Per view rather than both views at once, so that 1 and N replicas put the same rows
 in each group.
+
+Loss scale: the mean over the 2N anchors, the paper's 1/(2N) sum (eq. 1 and
+algorithm 1). The released TF2 code returns the sum of the two directions' means,
+twice this: at the same learning rate its SGD steps are twice ours.
+
+Colour distortion: strength 1 (the ImageNet setting) by default; the released code's
+CIFAR-10 run uses 0.5 and no blur (`view_policy` changes it; blur is skipped on
+images under 33 px anyway, `recipes.augment`).
 """
 
 import keras
@@ -28,7 +36,15 @@ from recipes import distribute
 from recipes.augment import SIMCLR, random_view
 from recipes.base import Recipe, register
 from recipes.heads import mlp
-from recipes.losses import nt_xent
+from recipes.losses import l2_normalize, nt_xent
+
+
+def nearest_view_hits(z_1, all_z_2, offset=0):
+    """Health signal, 1.0 where a view-1 projection's nearest view 2 (by cosine, the loss's
+    similarity) among the global batch is its own image's, else 0.0; [b]."""
+    similarity = tf.matmul(l2_normalize(z_1), l2_normalize(all_z_2), transpose_b=True)
+    nearest = tf.argmax(similarity, axis=1, output_type=tf.int32)
+    return tf.cast(tf.equal(nearest, tf.range(tf.shape(z_1)[0]) + offset), tf.float32)
 
 
 @register("simclr")
@@ -82,8 +98,5 @@ class SimCLR(Recipe):
         all_z_1, all_z_2 = distribute.all_gather(z_1), distribute.all_gather(z_2)
         offset = tf.cast(distribute.replica_id(), tf.int32) * local_batch
         losses = nt_xent(z_1, z_2, self.temperature, all_z_1, all_z_2, offset)
-        # Health signal: is a view-1 projection closest to its own view 2 among all view 2s?
-        nearest = tf.argmax(tf.matmul(z_1, all_z_2, transpose_b=True), axis=1, output_type=tf.int32)
-        hits = tf.cast(tf.equal(nearest, tf.range(local_batch) + offset), tf.float32)
-        self.accuracy_tracker.update_state(hits)
+        self.accuracy_tracker.update_state(nearest_view_hits(z_1, all_z_2, offset))
         return tf.reduce_sum(losses) / (2 * global_batch), {}

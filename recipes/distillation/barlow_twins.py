@@ -19,7 +19,10 @@ and the gather's backward pass sums what each replica's copy of the loss sends t
 every row, which together give exactly the single-device gradient.
 
 Projector: three linear layers of 8192 units, BN + ReLU after the first two (sec.
-3); augmentations: BYOL's asymmetric pair (the paper follows BYOL).
+3); augmentations: BYOL's asymmetric pair (the paper follows BYOL), whose blur is
+skipped on images under 33 px (`recipes.augment`). The released code sums C over GPUs
+with an all-reduce that autograd does not see, so its gradients are 1/world-size of the
+exact ones its learning rates were tuned with; ours are exact.
 """
 
 

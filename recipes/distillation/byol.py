@@ -12,9 +12,14 @@ from tau_base = 0.996 to 1 on a cosine over training (sec. 3.2):
 Collapse is avoided by the predictor plus the stop-gradient on the target.
 
 Per step: the loss is the normalized MSE 2 - 2 cos(q_theta(z_1), z'_2) symmetrized by
-swapping the views (eq. 2-3); SGD on the online network; then the EMA update.
+swapping the views (eq. 2-3); the optimizer step on the online network (the paper's
+is LARS, lr 0.2 x B/256, wd 1.5e-6, biases and BN excluded; `recipes.train` defaults to
+SGD, `--optimizer=lars` gives LARS); then the EMA update.
 The two views use BYOL's asymmetric augmentation (table 6): Gaussian blur with p=1.0
-for view 1 and 0.1 for view 2, solarization with p=0.0 and 0.2.
+for view 1 and 0.1 for view 2, solarization with p=0.0 and 0.2. Blur is skipped on
+images under 33 px (`recipes.augment`), where only the solarization asymmetry is left.
+The released code's tau_base depends on the run length (0.97 for 40 epochs, 0.99 for
+100-300, 0.996 for 1000); our default is the 1000-epoch value.
 
 BatchNorm: BYOL's MLPs have BN; as in SimCLR here, encoder and heads normalize over
 `bn_splits` fixed groups of the global batch, so 1 and N replicas compute the same.

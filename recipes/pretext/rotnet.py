@@ -14,7 +14,10 @@ Where the features come from: on ImageNet the paper's AlexNet RotNet classifies 
 fully connected layers and the features are taken from the convolutions below them,
 because the last layers specialize to the pretext task. Here the encoder (the convs, up
 to global pooling) is what the zoo publishes, and the rotation classifier is an MLP head
-on top (`hidden_dim`, one BN-ReLU hidden layer; 0 makes it linear). Augmentation before
+on top (`hidden_dim`, one BN-ReLU hidden layer; 0 makes it linear). On CIFAR the paper's
+4-block NIN gave its best features at block 2, with two conv blocks above it (table 1);
+our published features are the last block's, below only the MLP head, so they may be more
+specialized to rotations than the paper's best. Augmentation before
 rotating: the paper's CIFAR code's random crop (4-pixel padding, i.e. 12.5% of 32) and
 horizontal flip, as `recipes.semi.randaugment.weak_view` (translate with reflection).
 Rotations by 90 degrees need square images.
