@@ -59,7 +59,8 @@ flags.DEFINE_enum("optimizer", "sgd", ["sgd", "sgd_l2", "lars", "adamw"],
 flags.DEFINE_string("optimizer_args", "", "More optimizer arguments as key=value,... (JSON values), e.g. "
                     "eta=0.02,vector_lr_scale=0.024 for lars, nesterov=true for sgd.")
 flags.DEFINE_float("lr", 0.06, "Peak learning rate (cosine decay to 0).")
-flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
+flags.DEFINE_float("weight_decay", 5e-4, "Weight decay. The default suits SGD; with --optimizer=lars set it: "
+                   "SimCLR, BYOL and Barlow Twins use 1e-6 to 1.5e-6 there.")
 flags.DEFINE_integer("warmup_epochs", 0, "Linear learning-rate warm-up epochs.")
 flags.DEFINE_string("hparams", "", "Recipe hyperparameters as key=value,key=value (values parsed as JSON).")
 flags.DEFINE_integer("knn_every", 1, "Log held-out kNN accuracy every N epochs (0: never).")
