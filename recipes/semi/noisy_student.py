@@ -14,10 +14,15 @@ teacher never had, and in a larger model it has the capacity to.
 Noise used here, as in the paper:
   * input noise: RandAugment (N=2, magnitude 0.9 of our operations' full strength by
     default, our choice: the paper's M=27 is on its code's scale where 10 is
-    AutoAugment's maximum, and its 32-px SVHN script uses 5, i.e. 0.5);
+    AutoAugment's maximum; its 32-px SVHN script's 5 is milder than our 0.5 would be, as
+    its translations are 2 px and its enhance operations do nothing at that level). No
+    Cutout by default, where the released code has Cutout among its operations and its
+    32-px path adds a 16x16 Cutout after RandAugment;
   * model noise: dropout (0.5 in the paper) on the features before the classifier,
     and stochastic depth in the encoder's residual blocks (survival probability 0.8
-    at the last block, decaying linearly; `zoo.backbones.with_stochastic_depth`).
+    at the last block, decaying linearly; `zoo.backbones.with_stochastic_depth`). Ours
+    drops every block's residual branch, the downsampling blocks' too (which then keep
+    only their strided projection); EfficientNet's code drops identity-skip blocks only.
     The published encoder is a plain copy: noise is a training-time device only.
 
 Data filtering and balancing (sec. 2): keep images whose top class probability is
@@ -38,6 +43,13 @@ under the student's noise. As in the paper's
 code (`unlabel_ratio`), every student batch holds labelled and pseudo-labelled
 images at a fixed ratio (`unlabelled_ratio`, 3 by default: a quarter of each batch
 is labelled); `unlabelled_ratio=None` pools them into one shuffled set instead.
+
+Where the released code differs beyond that: it adds r x B pseudo-labelled images to a
+labelled batch of B and sums the two means (labelled + r x pseudo-labelled), where our
+batch is B in all and the loss its mean, so at the same learning rate its gradient per
+step is (1 + r) times ours; it labels and evaluates with an EMA of the weights (decay
+0.9999), ours with the weights themselves; and it trains with RMSProp (lr 0.016 x B/256,
+warm-up, decay 0.97 every 2.4 epochs, weight decay 1e-5), ours with `FineTune`'s SGD.
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ from recipes.semi.finetune import FineTune
 from recipes.semi.self_training import SelfTrainingMixin, run_self_training
 from zoo.backbones import with_stochastic_depth
 
-# The paper's N=2 and no Cutout; the magnitude is ours (see the module docstring).
+# The paper's N=2; the magnitude and leaving out Cutout are ours (see the module docstring).
 STUDENT_STRONG_POLICY = {"num_ops": 2, "magnitude": 0.9, "cutout": 0.0}
 # The first teacher without the student's noise (our default, see the module docstring): a supervised-only model.
 UNNOISED_TEACHER = {"augment": "weak", "dropout": 0.0, "stochastic_depth": 0.0}

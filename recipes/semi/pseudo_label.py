@@ -16,7 +16,11 @@ per round: train on the labels, label the unlabelled set, keep predictions with
 confidence >= `threshold` (optionally the top `per_class` per class), retrain on
 labelled + pseudo-labelled with weight `unlabelled_weight` (a constant alpha per
 round), repeat. The student continues from the teacher's weights by default
-(`init_from_teacher=True`), as Lee's single network does.
+(`init_from_teacher=True`), as Lee's single network does. Lee has no confidence
+threshold (every unlabelled example takes its argmax class) and ramps alpha to 3, where
+ours keeps predictions >= 0.95 at weight 1; and Lee averages the labelled and the
+unlabelled loss separately, where our default pools both into one shuffled set, in
+which pseudo-labels far outnumber labels (`unlabelled_ratio` fixes their share).
 
 On Fashion-MNIST with 100 labels that default gains ~3 points over three rounds; fresh
 students trained under the strong view for three times the teacher's steps
