@@ -31,8 +31,8 @@ scheduled steps (`python -m recipes.train` adds it; pass it to `fit` yourself wh
 training from Python). It predicts every image once through a training augmentation
 (the paper's code labels with its training loader) with BatchNorm in inference mode
 (the released code leaves the model in training mode, so it normalizes with each
-batch's statistics), in batches on one device; the Sinkhorn-Knopp iterations are deterministic, so every
-replica and every worker derives the same labels. Labels are a non-trainable variable:
+batch's statistics), in batches on one device; the Sinkhorn-Knopp iterations are
+deterministic, so every replica and every worker derives the same labels. Labels are a non-trainable variable:
 checkpoints keep them and a resumed run continues with the labels it had.
 """
 
