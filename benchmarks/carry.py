@@ -13,8 +13,9 @@ recorded.
     python benchmarks/carry.py restore
 
 Left out: TensorBoard logs (`logs/`), checkpoints older than the latest one, and the files
-named by --skip (by default `embedding.keras`, which the zoo does not publish by default
-and which is large for wide heads: DINO's is ~24 MB).
+and directories named by --skip (by default `embedding.keras`, which the zoo does not
+publish by default and which is large for wide heads: DINO's is ~24 MB; a finished run
+whose encoder is all that is needed can add `checkpoints`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import tarfile
 from absl import app, flags
 
 flags.DEFINE_string("carry_dir", "carry", "Where the archives go (relative to the repository root).")
-flags.DEFINE_list("skip", ["embedding.keras"], "File names never packed.")
+flags.DEFINE_list("skip", ["embedding.keras"], "File and directory names never packed (e.g. add checkpoints "
+                  "for a finished run whose outputs are all that is needed).")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +51,7 @@ def members(path: str, skip=("embedding.keras",)) -> list[str]:
         raise FileNotFoundError(f"{path} is neither a run directory nor a file; nothing was packed.")
     files = []
     for directory, subdirs, names in os.walk(path):
-        subdirs[:] = sorted(d for d in subdirs if d != "logs")
+        subdirs[:] = sorted(d for d in subdirs if d != "logs" and d not in skip)
         numbers = [int(m.group(1)) for m in map(CHECKPOINT.match, names) if m]
         latest = max(numbers, default=None)
         for name in sorted(names):

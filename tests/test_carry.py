@@ -38,6 +38,7 @@ def test_save_then_restore_resumes_from_the_latest_checkpoint(tmp_path, monkeypa
     packed = sorted(carry.members("runs/fm"))
     assert "runs/fm/launch.json" in packed and "runs/fm/checkpoints/checkpoint" in packed
     assert not any("logs" in p or "embedding" in p or "ckpt-2" in p for p in packed), packed  # ckpt-3 only
+    assert carry.members("runs/fm", skip=("checkpoints",)) == ["runs/fm/embedding.keras", "runs/fm/launch.json"]
 
     os.rename("carry", machine_b / "carry")  # what the commit carries to the next machine
     monkeypatch.chdir(machine_b)
