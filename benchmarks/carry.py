@@ -2,7 +2,7 @@
 
 A working session here lasts 180 minutes and the next one starts on a new machine that has
 only what main holds: `runs/` is gone. Some runs need several sessions (FixMatch's
-20,000-step schedule is ~11 h on 2 cores). `save` packs what a run needs to resume, its
+20,000-step schedule is ~7.5 h on 2 cores). `save` packs what a run needs to resume, its
 latest checkpoint, launch record, outputs and log, into carry/<name>.tar.gz, to be
 committed; `restore` unpacks every archive back where it came from, and the run's unchanged
 command then resumes it. Delete an archive once its run has finished and its numbers are
