@@ -42,9 +42,8 @@ def main(argv):
     # The paper's defaults; hyperparameters are keywords. Run facts where a recipe needs them: a row
     # per image (NPID's memory bank, SeLa's labels), the run's length (BYOL's and DINO's momentum
     # schedule, SeLa's label steps).
-    facts = {**({"dataset_size": len(train_x)} if recipe_class.needs_index else {}),
-             **({"total_steps": FLAGS.epochs * steps} if recipe_class.needs_total_steps else {})}
-    recipe = recipe_class(encoder, **facts)
+    recipe = recipe_class(encoder, **recipe_class.run_facts(total_steps=FLAGS.epochs * steps,
+                                                          dataset_size=len(train_x)))
     recipe.compile(optimizer=keras.optimizers.SGD(
         keras.optimizers.schedules.CosineDecay(0.06, FLAGS.epochs * steps), momentum=0.9, weight_decay=5e-4))
     # Batches are {"image": uint8 [B, H, W, C]}: the recipe makes its views inside the train step.

@@ -76,6 +76,12 @@ class Recipe(keras.Model):
     # (BYOL's and DINO's momentum cosine, SeLa's label steps).
     needs_total_steps = False
 
+    @classmethod
+    def run_facts(cls, total_steps, dataset_size) -> dict:
+        """The constructor keywords this recipe needs from the run (`needs_total_steps`, `needs_index`)."""
+        return {**({"total_steps": total_steps} if cls.needs_total_steps else {}),
+                **({"dataset_size": dataset_size} if cls.needs_index else {})}
+
     def __init__(self, encoder: keras.Model, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder

@@ -309,9 +309,7 @@ def build_recipe(recipe_cls, encoder, hparams, seed, total_steps, num_examples):
     """Instantiates a recipe, passing run facts only to recipes that ask for them
     (`needs_total_steps`, `needs_index`); a fact given in `hparams` wins."""
     check_hparam_names(recipe_cls, hparams)
-    facts = {**({"total_steps": total_steps} if recipe_cls.needs_total_steps else {}),
-             **({"dataset_size": num_examples} if recipe_cls.needs_index else {})}
-    extra = {k: v for k, v in facts.items() if k not in hparams}
+    extra = {k: v for k, v in recipe_cls.run_facts(total_steps, num_examples).items() if k not in hparams}
     return recipe_cls(encoder, seed=seed, **extra, **hparams)
 
 
