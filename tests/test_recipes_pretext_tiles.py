@@ -120,7 +120,7 @@ def test_context_colour_drop_keeps_one_channel_per_tile_against_numpy():
     from recipes.pretext.context import colour_drop_draws, drop_colour
 
     tiles = np.random.RandomState(1).uniform(0, 255, (3, 9, 4, 4, 3)).astype(np.float32)
-    keep, noise = (x.numpy() for x in colour_drop_draws(tf.constant([5, 6]), 3, 3, (4, 4)))
+    keep, noise = (x.numpy() for x in colour_drop_draws(tf.constant([5, 6]), 3, 3, (4, 4), tiles=9))
     assert keep.shape == (3, 9) and set(keep.ravel()) == {0, 1, 2} and noise.shape == (3, 9, 4, 4, 3)
     assert -0.5 <= noise.min() and noise.max() < 0.5 and noise.std() > 0.2
     out = drop_colour(tf.constant(tiles), tf.constant(keep), tf.constant(noise)).numpy()
@@ -134,24 +134,27 @@ def test_context_colour_drop_keeps_one_channel_per_tile_against_numpy():
         np.testing.assert_allclose(centred[..., dropped], noise[b, i][..., dropped] * ratio, atol=1e-3)
 
 
-def test_context_tiles_colour_dropped_or_standardized():
-    from recipes.pretext.context import colour_drop_draws, drop_colour
+def test_context_pairs_colour_dropped_or_standardized():
+    """Only the centre and the drawn neighbour are normalized, each on its own."""
+    from recipes.pretext.context import centre_and_neighbour, colour_drop_draws, drop_colour
 
-    def tiles_of(shape, **hparams):
+    labels = tf.constant([0, 3, 7, 5])
+
+    def pairs_of(shape, **hparams):
         recipe = get_recipe_class("context")(small_encoder(shape), tile_dim=8, hidden_dim=16, **hparams)
         recipe.compile(optimizer="sgd")
         images = np.random.RandomState(2).randint(0, 256, (4, *shape)).astype("uint8")
-        return recipe, images, recipe.normalized_tiles(tf.constant(images), 4).numpy()
+        pairs = centre_and_neighbour(grid_tiles(tf.constant(images), recipe.step_seed(1), 4), labels)
+        return recipe, pairs, recipe.normalized_pairs(tf.constant(images), labels, 4).numpy()
 
-    recipe, images, got = tiles_of((16, 16, 3))
-    grid = grid_tiles(tf.constant(images), recipe.step_seed(1), 4)
-    expected = drop_colour(grid, *colour_drop_draws(recipe.step_seed(3), 4, 4, (4, 4))).numpy()
+    recipe, pairs, got = pairs_of((16, 16, 3))
+    assert got.shape == (4, 2, 4, 4, 3)
+    expected = drop_colour(pairs, *colour_drop_draws(recipe.step_seed(3), 4, 4, (4, 4))).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert recipe.get_config()["colour_drop"] is True
     for hparams, shape in (({"colour_drop": False}, (16, 16, 3)), ({}, (16, 16, 1))):  # no drop: standardized
-        recipe, images, got = tiles_of(shape, **hparams)
-        expected = standardize_tiles(grid_tiles(tf.constant(images), recipe.step_seed(1), 4)).numpy()
-        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        recipe, pairs, got = pairs_of(shape, **hparams)
+        np.testing.assert_allclose(got, standardize_tiles(pairs).numpy(), rtol=1e-6)
 
 
 def test_jigsaw_tiles_normalized_per_channel_against_numpy():

@@ -40,13 +40,13 @@ def centre_and_neighbour(tiles, labels):
     return tf.stack([tiles[:, CENTRE], tf.gather(tiles, neighbour, batch_dims=1)], axis=1)
 
 
-def colour_drop_draws(seed, global_batch: int, local_batch: int, tile_shape):
-    """This replica's rows of the global batch's draws: the channel each tile keeps, [B, 9]
-    int32 in {0, 1, 2}, and the noise of the other channels, [B, 9, t, t, 3] uniform in
-    [-0.5, 0.5)."""
+def colour_drop_draws(seed, global_batch: int, local_batch: int, tile_shape, tiles: int = 2):
+    """This replica's rows of the global batch's draws for `tiles` tiles per image (the
+    centre and its neighbour): the channel each tile keeps, [B, tiles] int32 in {0, 1, 2},
+    and the noise of the other channels, [B, tiles, t, t, 3] uniform in [-0.5, 0.5)."""
     keep_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    keep = tf.random.stateless_uniform([global_batch, GRID * GRID], keep_seed, 0, 3, tf.int32)
-    noise = tf.random.stateless_uniform([global_batch, GRID * GRID, *tile_shape, 3], noise_seed, -0.5, 0.5)
+    keep = tf.random.stateless_uniform([global_batch, tiles], keep_seed, 0, 3, tf.int32)
+    noise = tf.random.stateless_uniform([global_batch, tiles, *tile_shape, 3], noise_seed, -0.5, 0.5)
     return distribute.replica_slice(keep, local_batch), distribute.replica_slice(noise, local_batch)
 
 
@@ -94,22 +94,23 @@ class ContextPrediction(Recipe):
         """[B, 2, t, t, C] (centre, neighbour) tiles -> [B, 8] logits of the neighbour's place."""
         return self.encode_in_groups(self.network, pairs, self.bn_splits or self.num_replicas, training=training)
 
-    def normalized_tiles(self, images, global_batch: int):
-        """[B, S, S, C] images -> [B, 9, t, t, C] tiles of the compute dtype, colour dropped
-        (colour images, `colour_drop`) or standardized, each on its own."""
+    def normalized_pairs(self, images, labels, global_batch: int):
+        """[B, S, S, C] images, [B] classes -> [B, 2, t, t, C] (centre, neighbour) tiles of the
+        compute dtype, colour dropped (colour images, `colour_drop`) or standardized, each on
+        its own. Only the two tiles the pair uses are normalized."""
         tiles = tf.cast(grid_tiles(images, self.step_seed(1), global_batch), self.compute_dtype)
-        if tiles.shape[-1] == 3 and self.colour_drop:
-            return drop_colour(tiles, *colour_drop_draws(self.step_seed(3), global_batch, images.shape[0],
-                                                         tiles.shape[2:4]))
-        return standardize_tiles(tiles)
+        pairs = centre_and_neighbour(tiles, labels)
+        if pairs.shape[-1] == 3 and self.colour_drop:
+            return drop_colour(pairs, *colour_drop_draws(self.step_seed(3), global_batch, images.shape[0],
+                                                         pairs.shape[2:4]))
+        return standardize_tiles(pairs)
 
     def loss_terms(self, data):
         images = data["image"]
         local_batch, global_batch = images.shape[0], self.global_batch(images)
-        tiles = self.normalized_tiles(images, global_batch)
         labels = distribute.replica_slice(tf.random.stateless_uniform(
             [global_batch], self.step_seed(2), 0, len(NEIGHBOURS), tf.int32), local_batch)
-        logits = self.position_logits(centre_and_neighbour(tiles, labels))
+        logits = self.position_logits(self.normalized_pairs(images, labels, global_batch))
         hits = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32)
         self.accuracy_tracker.update_state(hits)
         return tf.reduce_sum(pretext_cross_entropy(logits, labels)) / global_batch, {}
