@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --recipes=moco,simclr --batch_sizes=128,256
     python benchmarks/throughput.py --strategies=default,mirrored2   # 2 logical CPU replicas
     python benchmarks/throughput.py --recipes=all --settings=fmnist  # the quality runs' heads
+    python benchmarks/throughput.py --precisions=float32,mixed_bfloat16  # recipes.precision
 
 --settings=paper builds each recipe with its paper's defaults; --settings=fmnist with the
 hyperparameters of the Fashion-MNIST quality runs (benchmarks/fmnist_settings.py), whose
@@ -38,6 +39,7 @@ flags.DEFINE_list("recipes", ["moco"], "Recipes to time ('all' for every registe
 flags.DEFINE_list("backbones", ["resnet18_small"], "Backbones.")
 flags.DEFINE_list("batch_sizes", ["256"], "Global batch sizes.")
 flags.DEFINE_list("strategies", ["default"], "default, or mirrored2 (2 logical CPU replicas).")
+flags.DEFINE_list("precisions", ["float32"], "Keras dtype policies to time: float32, mixed_bfloat16, mixed_float16.")
 flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (tracing).")
 flags.DEFINE_integer("steps", 6, "Timed steps per repeat.")
@@ -57,7 +59,14 @@ LABEL_STEPS = {
 }
 
 
-def time_configuration(recipe_name, backbone, batch_size, strategy_name):
+def time_configuration(recipe_name, backbone, batch_size, strategy_name, precision):
+    from recipes.precision import global_policy
+
+    with global_policy(precision):
+        return {**_time_configuration(recipe_name, backbone, batch_size, strategy_name), "precision": precision}
+
+
+def _time_configuration(recipe_name, backbone, batch_size, strategy_name):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -124,24 +133,26 @@ def main(argv):
         for backbone in FLAGS.backbones:
             for batch_size in map(int, FLAGS.batch_sizes):
                 for strategy in FLAGS.strategies:
-                    try:
-                        row = time_configuration(name, backbone, batch_size, strategy)
-                    except Exception as error:  # a recipe that cannot run this shape is reported, not fatal
-                        row = {"recipe": name, "backbone": backbone, "batch_size": batch_size,
-                               "strategy": strategy, "error": f"{type(error).__name__}: {error}"[:300]}
-                    print(json.dumps(row), flush=True)
-                    results.append(row)
+                    for precision in FLAGS.precisions:
+                        try:
+                            row = time_configuration(name, backbone, batch_size, strategy, precision)
+                        except Exception as error:  # a recipe that cannot run this shape is reported, not fatal
+                            row = {"recipe": name, "backbone": backbone, "batch_size": batch_size,
+                                   "strategy": strategy, "precision": precision,
+                                   "error": f"{type(error).__name__}: {error}"[:300]}
+                        print(json.dumps(row), flush=True)
+                        results.append(row)
     out = FLAGS.out or ("benchmarks/results/throughput_fmnist.json" if FLAGS.settings == "fmnist"
                         else "benchmarks/results/throughput.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
                    "cpu_count": os.cpu_count(), "results": results}, f, indent=2)
-    print("\n| recipe | settings | backbone | batch | strategy | images/sec | label step (s) |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| recipe | settings | backbone | batch | strategy | precision | images/sec | label step (s) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['recipe']} | {FLAGS.settings} | {r['backbone']} | {r['batch_size']} | {r['strategy']} | "
-              f"{r.get('images_per_sec', r.get('error'))} | {r.get('label_step_seconds', '')} |")
+              f"{r['precision']} | {r.get('images_per_sec', r.get('error'))} | {r.get('label_step_seconds', '')} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from recipes import distribute
+from recipes import distribute, precision
 
 RECIPES: dict[str, type] = {}
 
@@ -87,6 +87,12 @@ class Recipe(keras.Model):
         self.encoder = encoder
         self.seed = int(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """Keras's compile; under the mixed_float16 policy the optimizer is wrapped for loss
+        scaling (`recipes.precision`)."""
+        optimizer = precision.optimizer_for(keras.optimizers.get(optimizer), self.dtype_policy.name)
+        super().compile(optimizer=optimizer, **kwargs)
 
     # ---- configuration (what a zoo card records) -------------------------------
     def get_config(self) -> dict:
@@ -207,7 +213,10 @@ class Recipe(keras.Model):
         """Per-replica loss (already divided by the global batch) and its gradients."""
         with tf.GradientTape() as tape:
             loss, state = self.loss_terms(data)
-        gradients = tape.gradient(loss, self.optimized_variables)
+            # Identity unless mixed_float16's LossScaleOptimizer (recipes.precision), whose
+            # apply_gradients divides the scale out again.
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, self.optimized_variables)
         return loss, gradients, state
 
     def train_step(self, data):

@@ -4,17 +4,22 @@ Each returns per-example losses (shape [batch]) so that the caller decides the
 reduction; under tf.distribute a recipe sums them and divides by the *global* batch
 size, which makes the summed gradient across replicas equal the single-device one.
 Every function here is checked against an independent numpy reference in
-tests/test_losses.py.
+tests/test_losses.py. Each computes in float32 when given bfloat16/float16 tensors
+(`recipes.precision`: mixed-precision training).
 """
 
 import tensorflow as tf
 
+from recipes.precision import computes_in_float32
 
+
+@computes_in_float32
 def l2_normalize(x, axis=-1):
     """Unit-length rows; the embedding space every contrastive loss lives in."""
     return tf.math.l2_normalize(x, axis=axis, epsilon=1e-12)
 
 
+@computes_in_float32
 def info_nce(queries, positive_keys, negative_keys, temperature):
     """InfoNCE of MoCo (He et al. 2020, eq. 1; van den Oord et al. 2018).
 
@@ -38,6 +43,7 @@ def info_nce(queries, positive_keys, negative_keys, temperature):
     return tf.reduce_logsumexp(logits, axis=1) - logits[:, 0]
 
 
+@computes_in_float32
 def contrastive_accuracy(queries, positive_keys, negative_keys):
     """Fraction of queries whose positive key beats every negative: a health signal."""
     positive_logits = tf.reduce_sum(queries * positive_keys, axis=-1)
@@ -45,12 +51,14 @@ def contrastive_accuracy(queries, positive_keys, negative_keys):
     return tf.reduce_mean(tf.cast(positive_logits > best_negative, tf.float32))
 
 
+@computes_in_float32
 def cross_entropy_with_index(logits, positive_index):
     """-log softmax(logits)[positive_index] per row: the shared core of InfoNCE variants."""
     positive_logits = tf.gather(logits, positive_index, axis=1, batch_dims=1)
     return tf.reduce_logsumexp(logits, axis=1) - positive_logits
 
 
+@computes_in_float32
 def nt_xent(z_1, z_2, temperature, all_z_1=None, all_z_2=None, offset=0):
     """NT-Xent, the normalized-temperature cross entropy of SimCLR (Chen et al. 2020, eq. 1).
 
@@ -87,6 +95,7 @@ def nt_xent(z_1, z_2, temperature, all_z_1=None, all_z_2=None, offset=0):
     return cross_entropy_with_index(logits + self_mask, positive_index)
 
 
+@computes_in_float32
 def instance_softmax(features, memory, index, temperature):
     """NPID's non-parametric softmax over a memory bank (Wu et al. 2018, eq. 2).
 
@@ -107,6 +116,7 @@ def instance_softmax(features, memory, index, temperature):
     return cross_entropy_with_index(logits, tf.cast(index, tf.int32))
 
 
+@computes_in_float32
 def instance_nce(positive_similarity, noise_similarity, temperature, log_normalizer, dataset_size):
     """NPID's noise-contrastive estimate of the instance softmax (Wu et al. 2018, eq. 3-6).
 
@@ -136,6 +146,7 @@ def instance_nce(positive_similarity, noise_similarity, temperature, log_normali
     )
 
 
+@computes_in_float32
 def cpc_info_nce(predictions, candidates, positive_index):
     """CPC's InfoNCE (van den Oord et al. 2018, eq. 4; Henaff et al. 2019, eq. 3).
 
@@ -155,6 +166,7 @@ def cpc_info_nce(predictions, candidates, positive_index):
     return cross_entropy_with_index(logits, tf.cast(positive_index, tf.int32))
 
 
+@computes_in_float32
 def byol_loss(predictions, targets):
     """BYOL's normalized mean squared error (Grill et al. 2020, eq. 2).
 
@@ -170,12 +182,14 @@ def byol_loss(predictions, targets):
     return 2.0 - 2.0 * cosine
 
 
+@computes_in_float32
 def batch_standardize(z, epsilon=1e-5):
     """(z - mean) / std over the batch dimension, biased variance: BatchNorm without affine."""
     mean, variance = tf.nn.moments(z, axes=[0])
     return (z - mean) / tf.sqrt(variance + epsilon)
 
 
+@computes_in_float32
 def barlow_twins_loss(z_1, z_2, lambda_offdiag=5e-3):
     """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, eq. 1-2).
 
@@ -198,6 +212,7 @@ def barlow_twins_loss(z_1, z_2, lambda_offdiag=5e-3):
     return on_diagonal + lambda_offdiag * off_diagonal
 
 
+@computes_in_float32
 def dino_loss(student_logits, teacher_logits, center, student_temperature, teacher_temperature):
     """DINO's self-distillation cross entropy (Caron et al. 2021, eq. 1-2 and sec. 3.1).
 
@@ -231,6 +246,7 @@ def dino_loss(student_logits, teacher_logits, center, student_temperature, teach
     return total / pairs
 
 
+@computes_in_float32
 def pretext_cross_entropy(logits, labels):
     """The loss of the classification pretext tasks: cross-entropy of the task's classes.
 
@@ -248,6 +264,7 @@ def pretext_cross_entropy(logits, labels):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
 
 
+@computes_in_float32
 def sinkhorn_knopp(scores, epsilon=0.05, iterations=3, shared_scores=None, sum_over_replicas=None):
     """SwAV's codes: soft assignments of samples to prototypes with equal prototype usage.
 
@@ -290,6 +307,7 @@ def sinkhorn_knopp(scores, epsilon=0.05, iterations=3, shared_scores=None, sum_o
 SELF_LABEL_FLOOR = 500.0  # nats below an image's best cluster, see self_label_assignments
 
 
+@computes_in_float32
 def self_label_assignments(log_probs, lam=25.0, tolerance=1e-6, max_iterations=10000):
     """SeLa's label step: equipartitioned hard labels for a whole dataset.
 
@@ -336,6 +354,7 @@ def self_label_assignments(log_probs, lam=25.0, tolerance=1e-6, max_iterations=1
     return tf.argmax(log_q, axis=1, output_type=tf.int32), log_q
 
 
+@computes_in_float32
 def swav_loss(scores, codes, temperature=0.1):
     """SwAV's swapped prediction (Caron et al. 2020, eq. 1-2).
 
@@ -359,6 +378,7 @@ def swav_loss(scores, codes, temperature=0.1):
     return tf.add_n(per_view) / len(per_view)
 
 
+@computes_in_float32
 def masked_patch_mse(predictions, target_patches, mask, normalize_targets=True):
     """MAE's reconstruction loss (He et al. 2022, sec. 3): mean squared error on masked patches.
 
@@ -384,6 +404,7 @@ def masked_patch_mse(predictions, target_patches, mask, normalize_targets=True):
     return tf.reduce_sum(per_patch * mask, axis=1) / tf.reduce_sum(mask, axis=1)
 
 
+@computes_in_float32
 def counting_loss(whole, tiles_sum, other_whole, margin=10.0):
     """Learning to count (Noroozi, Pirsiavash, Favaro 2017, eq. 4).
 
@@ -406,6 +427,7 @@ def counting_loss(whole, tiles_sum, other_whole, margin=10.0):
     return match + tf.nn.relu(margin - mismatch)
 
 
+@computes_in_float32
 def reconstruction_loss(predictions, targets, weights):
     """Context Encoders' reconstruction loss (Pathak et al. 2016): weighted L2 over the predicted
     region, per image: sum(w * (p - t)^2) / (C * |{w > 0}|).
@@ -425,16 +447,19 @@ def reconstruction_loss(predictions, targets, weights):
     return weighted / tf.maximum(values, 1.0)
 
 
+@computes_in_float32
 def discriminator_loss(real_logits, fake_logits):
     """Context Encoders' adversarial term, discriminator side. [B]: -log D(real) - log(1 - D(fake)), D = sigmoid(logit): the discriminator's cross-entropy."""
     return tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits)
 
 
+@computes_in_float32
 def generator_adversarial_loss(fake_logits):
     """Context Encoders' adversarial term, painter side. [B]: -log D(fake), the non-saturating generator loss (the released code labels fakes real)."""
     return tf.nn.softplus(-fake_logits)
 
 
+@computes_in_float32
 def colorization_loss(logits, indices, weights, pixel_weights):
     """Colorization's loss (Zhang et al. 2016): rebalanced multinomial cross-entropy (eq. 2), per image: the mean over its pixels of
     -v_hw sum_q Z_hwq log softmax(logits_hw)_q.

@@ -66,6 +66,10 @@ flags.DEFINE_string("hparams", "", "Recipe hyperparameters as key=value,key=valu
 flags.DEFINE_integer("knn_every", 1, "Log held-out kNN accuracy every N epochs (0: never).")
 flags.DEFINE_integer("knn_monitor_size", 10000, "Training images used as the kNN memory while monitoring.")
 flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs in the final evaluation (0: skip).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Keras dtype policy of training: mixed_* compute in 16 bits on float32 weights, losses "
+                  "in float32, loss scaling under mixed_float16 (recipes.precision). Evaluation and the "
+                  "published encoder are float32 either way.")
 flags.DEFINE_bool("jit_compile", False, "XLA (fails under MirroredStrategy in TF 2.21; slower on CPU).")
 flags.DEFINE_integer("verbose", 1, "Keras progress: 0 silent, 1 bar, 2 line per epoch.")
 flags.DEFINE_string("zoo_entry", None, "Rerun the recipe recorded in this zoo entry's card (NAME or NAME:VERSION); "
@@ -111,8 +115,13 @@ def _run_defining_values() -> dict:
 
 
 def run_definition(hparams: dict) -> dict:
-    """The settings that define what a run trains (recipes.launch): a rerun resumes only if they match."""
-    return {**_run_defining_values(), "optimizer_args": parse_hparams(FLAGS.optimizer_args), "hparams": hparams}
+    """The settings that define what a run trains (recipes.launch): a rerun resumes only if they match.
+
+    --precision is part of it only when mixed, so runs recorded before the flag existed (all
+    float32) still resume; a mixed_float16 checkpoint also holds the loss-scale optimizer's state."""
+    mixed = {"precision": FLAGS.precision} if FLAGS.precision != "float32" else {}
+    return {**_run_defining_values(), "optimizer_args": parse_hparams(FLAGS.optimizer_args), "hparams": hparams,
+            **mixed}
 
 
 class TrainingDiverged(RuntimeError):
@@ -393,10 +402,22 @@ def run_facts(strategy, train_images) -> dict:
     recorded = {RUN_DEFINING_FLAGS[flag]: value for flag, value in _run_defining_values().items()}
     return {
         **recorded, "input_shape": list(train_images.shape[1:]), "test_split": FLAGS.test_split,
-        "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync, "retrained_from": FLAGS.zoo_entry,
+        "strategy": FLAGS.strategy, "num_replicas": strategy.num_replicas_in_sync, "precision": FLAGS.precision,
+        "retrained_from": FLAGS.zoo_entry,
         "git_commit": git_commit(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "recipes.train"] + sys.argv[1:]),
     }
+
+
+def in_float32(*models):
+    """After training: the global policy back to float32 and float32 copies of `models` (None
+    stays None), so evaluation measures, and the run directory holds, what the zoo publishes."""
+    import keras
+
+    from zoo.export import with_dtype_policy
+
+    keras.mixed_precision.set_global_policy("float32")
+    return [None if model is None else with_dtype_policy(model) for model in models]
 
 
 def embedding_model(encoder, head):
@@ -443,11 +464,11 @@ def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_d
         batch_size=FLAGS.batch_size, strategy=strategy, seed=FLAGS.seed, hparams=hparams, verbose=FLAGS.verbose,
         checkpoint_dir=os.path.join(model_dir, "checkpoints"))
     wall = time.time() - started
+    encoder, classifier = in_float32(encoder, model.exported_classifier)
     protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
                 "seed": FLAGS.seed}
     metrics.update(evaluate.evaluate_encoder(encoder, *train, *test, int(train[1].max()) + 1, probe_epochs=0,
                                              protocol=protocol))
-    classifier = model.exported_classifier
     # Class ids index the dataset's names; a last class absent from both splits has no output.
     class_names = data.info(FLAGS.dataset, FLAGS.image_size, FLAGS.channels).class_names[:classifier.output_shape[-1]]
     run_info = {**run_facts(strategy, train[0]), "recipe_config": model.get_config(),
@@ -460,6 +481,15 @@ def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_d
 
 
 def train(argv=None) -> dict:
+    """Runs the training CLI's flags; Keras's global dtype policy is --precision while the
+    models are built and trained, and is restored on return."""
+    from recipes import precision
+
+    with precision.global_policy(FLAGS.precision):
+        return _train(argv)
+
+
+def _train(argv=None) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -530,7 +560,10 @@ def train(argv=None) -> dict:
         if FLAGS.init_from:
             import zoo
 
-            return zoo.load(FLAGS.init_from, store=FLAGS.zoo_store)
+            from zoo.export import with_dtype_policy
+
+            # Published in float32; trained in --precision.
+            return with_dtype_policy(zoo.load(FLAGS.init_from, store=FLAGS.zoo_store), FLAGS.precision)
         return fresh_encoder()
 
     if FLAGS.recipe in LABEL_RECIPES:
@@ -588,7 +621,7 @@ def train(argv=None) -> dict:
             run_info["untimed_epochs"] = timing["epoch"] - len(epoch_seconds)
     protocol = {"dataset": FLAGS.dataset, "train_split": FLAGS.train_split, "test_split": FLAGS.test_split,
                 "pretrain_epochs": FLAGS.epochs, "seed": FLAGS.seed}
-    embedding_head = recipe.embedding_head()
+    encoder, embedding_head = in_float32(encoder, recipe.embedding_head())
     metrics = evaluate.evaluate_encoder(encoder, train_images, train_labels, test_images, test_labels, num_classes,
                                         probe_epochs=FLAGS.probe_epochs, seed=FLAGS.seed, protocol=protocol,
                                         embedding_head=embedding_head)

@@ -199,7 +199,7 @@ def export_saved_model(encoder: keras.Model, export_dir: str, version: int | Non
         version = (versions_in(export_dir) or [0])[-1] + 1
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive integer (TF Serving's layout), got {version!r}.")
-    return write_saved_model(encoder, f"{export_dir.rstrip('/')}/{version}")
+    return write_saved_model(with_dtype_policy(encoder), f"{export_dir.rstrip('/')}/{version}")
 
 
 def write_keras(encoder: keras.Model, path: str) -> str:
@@ -235,6 +235,8 @@ def write_artifact(encoder: keras.Model, directory: str, *, name: str, run=None,
     from zoo import card as cards
     from zoo.store import hash_tree
 
+    encoder = with_dtype_policy(encoder)  # trained in mixed precision or not, published in float32
+    classifier = None if classifier is None else with_dtype_policy(classifier)
     shape = encoder_input_shape(encoder)
     write_saved_model(encoder, directory, classifier, class_names)
     write_keras(encoder, f"{directory}/{KERAS_FILENAME}")
@@ -310,3 +312,36 @@ def verify_artifact(directory: str, encoder: keras.Model, atol: float = 1e-5,
                 f"The saved {filename} does not reproduce the model's outputs; a custom layer probably lacks "
                 "get_config or registration (keras.saving.register_keras_serializable). Nothing was published."
             )
+
+
+def _with_policy_in_config(config, policy: str):
+    """A serialized model's config with every layer's dtype policy replaced by `policy`."""
+    if isinstance(config, list):
+        return [_with_policy_in_config(item, policy) for item in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(config.get("config"), dict):
+        return {**config, "config": {**config["config"], "name": policy}}
+    return {key: _with_policy_in_config(value, policy) for key, value in config.items()}
+
+
+def with_dtype_policy(model: keras.Model, policy: str = "float32") -> keras.Model:
+    """`model` rebuilt with every layer computing in `policy` (e.g. "float32", "mixed_bfloat16"),
+    holding the same weights; `model` itself when every layer already does.
+
+    Mixed precision is a training device: the variables are float32 under every policy, so
+    the copy loses nothing. The zoo publishes float32 models (`write_artifact`), so a
+    Keras user or a server gets float32 features whatever precision the encoder trained in.
+    """
+    policies = {layer.dtype_policy.name for layer in model._flatten_layers(include_self=True)}
+    if policies == {policy}:
+        return model
+    config = _with_policy_in_config(keras.saving.serialize_keras_object(model), policy)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)  # for sublayers a custom layer builds in __init__
+    try:
+        copy = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy

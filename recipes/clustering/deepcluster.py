@@ -313,8 +313,8 @@ class DeepCluster(Recipe):
                                              self.bn_splits or self.num_replicas)
         draws = GlobalDraws(self.step_seed(2), global_batch, images.shape[0])
         logits = self.head_logits(features, draws)
-        weights = tf.cast(tf.gather(self.sample_weights.value, index), logits.dtype)
         losses = pretext_cross_entropy(logits, labels)
+        weights = tf.cast(tf.gather(self.sample_weights.value, index), losses.dtype)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
         self.accuracy_tracker.update_state(tf.cast(hits, tf.float32))
         return tf.reduce_sum(weights * losses) / global_batch, {}

@@ -175,7 +175,7 @@ class DINO(Recipe):
                                           self.teacher_temperature, self.warmup_steps)
         self.temperature_tracker.update_state(temperature)
         losses = dino_loss(student, teacher, self.center.value, self.student_temperature, temperature)
-        batch_center = tf.reduce_mean(distribute.all_gather(tf.concat(teacher, axis=0)), axis=0)
+        batch_center = tf.reduce_mean(tf.cast(distribute.all_gather(tf.concat(teacher, axis=0)), self.center.dtype), axis=0)
         return tf.reduce_sum(losses) / global_batch, {"batch_center": batch_center}
 
     def loss_and_gradients(self, data):

@@ -29,7 +29,7 @@ is the training CLI's: the paper's is AdamW (betas 0.9, 0.95; wd 0.05; lr 1.5e-4
 import keras
 import tensorflow as tf
 
-from recipes import distribute
+from recipes import distribute, precision
 from recipes.augment import MAE_VIEW, random_view
 from recipes.base import Recipe, register
 from recipes.losses import masked_patch_mse
@@ -117,7 +117,8 @@ class MAE(Recipe):
         """Keras' compile; then biases and LayerNorm parameters (the 1-D variables) are exempt
         from the optimizer's weight decay, as in the paper's code."""
         super().compile(optimizer=optimizer, **kwargs)
-        self.optimizer.exclude_from_weight_decay(var_list=[v for v in self.optimized_variables if len(v.shape) <= 1])
+        precision.inner_optimizer(self.optimizer).exclude_from_weight_decay(
+            var_list=[v for v in self.optimized_variables if len(v.shape) <= 1])
 
     def encode_visible(self, images, keep):
         """Encoder on the kept patches only: [B, num_keep, dim]."""

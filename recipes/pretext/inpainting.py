@@ -75,6 +75,7 @@ import math
 import keras
 import tensorflow as tf
 
+from recipes import precision
 from recipes.augment import GlobalDraws
 from recipes.base import Recipe, register
 from recipes.losses import discriminator_loss, generator_adversarial_loss, reconstruction_loss
@@ -259,8 +260,9 @@ class Inpainting(Recipe):
         self.discriminator = None
         if self.adversarial_weight > 0:
             self.discriminator = build_discriminator(self.image_shape, self.discriminator_width)
-            self.discriminator_optimizer = keras.optimizers.Adam(self.discriminator_lr, beta_1=0.5,
-                                                                 name="discriminator_adam")
+            self.discriminator_optimizer = precision.optimizer_for(
+                keras.optimizers.Adam(self.discriminator_lr, beta_1=0.5, name="discriminator_adam"),
+                self.dtype_policy.name)
             # Built here, under the recipe's strategy scope: built lazily inside a replicated step its
             # variables would not be mirrored (see recipes.checkpointing.build_optimizer).
             self.discriminator_optimizer.build(self.discriminator.trainable_variables)
@@ -341,9 +343,10 @@ class Inpainting(Recipe):
             return super().loss_and_gradients(data)
         with tf.GradientTape(persistent=True) as tape:
             loss, state = self.loss_terms(data)
-        gradients = tape.gradient(loss, self.optimized_variables)
-        state["discriminator_gradients"] = tape.gradient(state["discriminator_loss"],
-                                                         self.discriminator.trainable_variables)
+            scaled_loss = self.optimizer.scale_loss(loss)  # as the base's (recipes.precision)
+            scaled_critic = self.discriminator_optimizer.scale_loss(state["discriminator_loss"])
+        gradients = tape.gradient(scaled_loss, self.optimized_variables)
+        state["discriminator_gradients"] = tape.gradient(scaled_critic, self.discriminator.trainable_variables)
         del tape
         return loss, gradients, state
 

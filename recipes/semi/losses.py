@@ -28,7 +28,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from recipes.precision import computes_in_float32
 
+
+@computes_in_float32
 def soft_cross_entropy(targets, logits):
     """-sum_k t_k log softmax(z)_k per example; t is a distribution (one-hot for hard labels).
 
@@ -42,11 +45,13 @@ def soft_cross_entropy(targets, logits):
     return -tf.reduce_sum(tf.cast(targets, logits.dtype) * tf.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+@computes_in_float32
 def sparse_cross_entropy(labels, logits):
     """Cross-entropy with integer labels, per example: [B]."""
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
 
 
+@computes_in_float32
 def confidence_mask(probabilities, threshold):
     """FixMatch's confidence rule: (hard pseudo-labels [B] int32, mask [B] float32).
 
@@ -60,6 +65,7 @@ def confidence_mask(probabilities, threshold):
     return pseudo_labels, mask
 
 
+@computes_in_float32
 def align_distribution(probabilities, prediction_mean, target=None):
     """Distribution alignment: q~ = normalize(q * p(y) / p~(y)), row by row.
 
@@ -95,6 +101,7 @@ def class_distribution(weights, num_classes) -> list:
     return (weights / weights.sum()).tolist()
 
 
+@computes_in_float32
 def fixmatch_unlabelled_loss(weak_logits, strong_logits, threshold, prediction_mean=None, target=None):
     """FixMatch's unsupervised term per example (Sohn et al. 2020, eq. 4), before 1/(mu B).
 

@@ -1,0 +1,139 @@
+"""Mixed-precision training (recipes.precision): 16-bit compute, float32 losses, state and
+published models, loss scaling under float16."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import recipes  # noqa: F401  (registers every recipe)
+from recipes.base import RECIPES, get_recipe_class
+from recipes.losses import info_nce, l2_normalize
+from recipes.precision import computes_in_float32, global_policy
+from tests.encoders import small_encoder
+from tests.test_train_cli import SMALL, _env, _train
+from zoo import backbones
+from zoo.export import with_dtype_policy
+
+LABEL_RECIPES = {"finetune", "pseudo_label", "noisy_student", "fixmatch"}
+SMALL_HPARAMS = {"moco": {"queue_size": 64}, "swav": {"queue_size": 0},
+                 "jigsaw": {"num_permutations": 10, "tile_dim": 8, "hidden_dim": 16},
+                 "context": {"tile_dim": 8, "hidden_dim": 16}, "sela": {"num_clusters": 4, "num_heads": 2},
+                 "deepcluster": {"num_clusters": 4, "hidden_dim": 16},
+                 "cpc": {"prediction_steps": 2, "first_step": 1, "context_dim": 16}}
+
+
+def test_losses_compute_in_float32_on_half_precision_inputs():
+    rng = np.random.RandomState(0)
+    q, k, negatives = (tf.constant(rng.randn(*shape), tf.bfloat16) for shape in ((4, 8), (4, 8), (16, 8)))
+    got = info_nce(l2_normalize(q), l2_normalize(k), l2_normalize(negatives), 0.07)
+    assert got.dtype == tf.float32 and l2_normalize(tf.cast(q, tf.float16)).dtype == tf.float32
+    # The same as float32 math on the (already rounded) bfloat16 values, not bfloat16 math.
+    as_float32 = [l2_normalize(tf.cast(x, tf.float32)) for x in (q, k, negatives)]
+    np.testing.assert_allclose(got.numpy(), info_nce(*as_float32, 0.07).numpy(), rtol=1e-6)
+
+    @computes_in_float32
+    def dtypes(*args, **kwargs):
+        return tf.nest.map_structure(lambda x: getattr(x, "dtype", type(x)), (args, kwargs))
+
+    args, kwargs = dtypes([tf.zeros(2, tf.bfloat16)], tf.zeros(2, tf.float64), tf.zeros(2, tf.int32), 3.0,
+                          x=tf.zeros(2, tf.float16))
+    assert args == ([tf.float32], tf.float64, tf.int32, float) and kwargs == {"x": tf.float32}
+
+
+def _batch(name, shape, rng):
+    images = rng.randint(0, 256, (16, *shape)).astype("uint8")
+    if name == "fixmatch":
+        return {"image": images, "label": rng.randint(0, 4, 16),
+                "unlabelled_image": rng.randint(0, 256, (32, *shape)).astype("uint8")}
+    return {"image": images, "index": np.arange(16), "label": rng.randint(0, 4, 16)}
+
+
+def _recipe(name, policy):
+    with global_policy(policy):
+        cls = get_recipe_class(name)
+        shape = (32, 32, 3) if name == "colorization" else (16, 16, 1)
+        encoder = backbones.build("vit_tiny_p4", shape) if name == "mae" else small_encoder(shape, cls.backbone_norm)
+        kwargs = {**SMALL_HPARAMS.get(name, {}), **cls.run_facts(10, 64)}
+        if name in LABEL_RECIPES:
+            kwargs.update(num_classes=4, **({"mu": 2} if name == "fixmatch" else {}))
+        return cls(encoder, **kwargs), shape
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_trains_in_mixed_bfloat16_with_float32_weights_and_state(name):
+    recipe, shape = _recipe(name, "mixed_bfloat16")
+    rng = np.random.RandomState(0)
+    recipe.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    assert recipe.encoder.layers[-1].compute_dtype == "bfloat16"
+    before = [v.numpy().copy() for v in recipe.optimized_variables]
+    callbacks = recipe.training_callbacks(rng.randint(0, 256, (64, *shape)).astype("uint8"))
+    history = recipe.fit(tf.data.Dataset.from_tensors(_batch(name, shape, rng)).repeat(2), epochs=1, verbose=0,
+                         callbacks=callbacks)
+    assert np.isfinite(history.history["loss"][-1])
+    # Weights, EMA targets, queues, memory banks, centres: all float32.
+    assert {v.dtype for v in recipe.variables if "float" in v.dtype} == {"float32"}
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, recipe.optimized_variables))
+
+
+def test_mixed_float16_scales_the_loss_and_steps_like_float32():
+    """One SGD step from the same weights and batch: float16 with loss scaling moves the
+    weights as float32 does. Without scaling (or without unscaling) the update would be
+    lost to underflow or be 2^15 times too large."""
+    rng = np.random.RandomState(0)
+    batch = {k: tf.constant(v) for k, v in _batch("simclr", (16, 16, 1), rng).items()}
+    updates = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.utils.set_random_seed(0)
+        recipe, _ = _recipe("simclr", policy)
+        recipe.compile(optimizer=keras.optimizers.SGD(1.0))
+        assert isinstance(recipe.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+        before = [v.numpy().copy() for v in recipe.optimized_variables]
+        recipe.train_step(batch)
+        updates[policy] = np.concatenate([(v.numpy() - b).ravel() for b, v in zip(before, recipe.optimized_variables)])
+    reference, half = updates["float32"], updates["mixed_float16"]
+    assert np.linalg.norm(reference) > 0
+    assert np.linalg.norm(half - reference) / np.linalg.norm(reference) < 0.05
+
+
+@pytest.mark.parametrize("build", [
+    lambda: backbones.build("resnet18_small", (16, 16, 1), 0.125),
+    lambda: backbones.build("resnet18_small", (16, 16, 1), 0.125, norm="layer"),
+    lambda: backbones.build("vit_tiny_p4", (16, 16, 1)),
+    lambda: get_recipe_class("cpc")(small_encoder((16, 16, 1), "layer"), **SMALL_HPARAMS["cpc"]).encoder,
+], ids=["resnet", "resnet_layer_norm", "vit", "cpc_patch_grid"])
+def test_with_dtype_policy_copies_weights_into_float32_layers(build):
+    with global_policy("mixed_bfloat16"):
+        mixed = build()
+    copy = with_dtype_policy(mixed, "float32")
+    assert {layer.dtype_policy.name for layer in copy._flatten_layers()} == {"float32"}
+    assert copy.output.dtype == "float32" and mixed.output.dtype == "bfloat16"
+    for a, b in zip(mixed.get_weights(), copy.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    images = np.random.RandomState(1).randint(0, 256, (4, 16, 16, 1)).astype("float32")
+    expected, got = copy(images).numpy(), mixed(images).numpy().astype("float32")
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()  # bfloat16's rounding only
+    assert with_dtype_policy(copy, "float32") is copy
+    back = with_dtype_policy(copy, "mixed_bfloat16")
+    assert back.output.dtype == "bfloat16"
+
+
+def test_cli_trains_mixed_and_publishes_float32(tmp_path):
+    env = _env(tmp_path / "tfds", ZOO_HOME=str(tmp_path / "zoo"))
+    args = [*SMALL, "--epochs=1", "--precision=mixed_bfloat16", f"--model_dir={tmp_path / 'run'}",
+            "--publish_as=tiny_mixed"]
+    result = _train(args, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    launch = json.loads((tmp_path / "run" / "launch.json").read_text())
+    assert run["precision"] == "mixed_bfloat16" and launch["definition"]["precision"] == "mixed_bfloat16"
+    encoder = keras.saving.load_model(tmp_path / "run" / "encoder.keras", compile=False)
+    assert {layer.dtype_policy.name for layer in encoder._flatten_layers()} == {"float32"}
+    published = keras.saving.load_model(next((tmp_path / "zoo").rglob("encoder.keras")), compile=False)
+    assert {layer.dtype_policy.name for layer in published._flatten_layers()} == {"float32"}
+    # A float32 rerun of the mixed run is another run: refused, not spliced.
+    refused = _train([*args[:-3], f"--model_dir={tmp_path / 'run'}"], env)
+    assert refused.returncode == 2 and "precision: 'mixed_bfloat16' then, None now" in refused.stderr, \
+        refused.stderr[-2000:]
