@@ -51,12 +51,12 @@ def _batch(name, shape, rng):
     return {"image": images, "index": np.arange(16), "label": rng.randint(0, 4, 16)}
 
 
-def _recipe(name, policy):
+def _recipe(name, policy, **hparams):
     with global_policy(policy):
         cls = get_recipe_class(name)
         shape = (32, 32, 3) if name == "colorization" else (16, 16, 1)
         encoder = backbones.build("vit_tiny_p4", shape) if name == "mae" else small_encoder(shape, cls.backbone_norm)
-        kwargs = {**SMALL_HPARAMS.get(name, {}), **cls.run_facts(10, 64)}
+        kwargs = {**SMALL_HPARAMS.get(name, {}), **cls.run_facts(10, 64), **hparams}
         if name in LABEL_RECIPES:
             kwargs.update(num_classes=4, **({"mu": 2} if name == "fixmatch" else {}))
         return cls(encoder, **kwargs), shape
@@ -137,3 +137,24 @@ def test_cli_trains_mixed_and_publishes_float32(tmp_path):
     refused = _train([*args[:-3], f"--model_dir={tmp_path / 'run'}"], env)
     assert refused.returncode == 2 and "precision: 'mixed_bfloat16' then, None now" in refused.stderr, \
         refused.stderr[-2000:]
+
+
+def test_mixed_float16_step_on_two_replicas_matches_one():
+    """The loss-scale optimizer under MirroredStrategy: scaled gradients are summed over the
+    replicas, unscaled once, and the step equals one device's up to float16 rounding."""
+    from tests.distributed_utils import build_recipe, train_step, two_replica_strategy
+
+    batch = _batch("simclr", (16, 16, 1), np.random.RandomState(0))
+    batch = {"image": batch["image"]}
+    make = lambda: _recipe("simclr", "mixed_float16", bn_splits=2)[0]  # noqa: E731  (the same BN groups on both)
+    one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
+    one = build_recipe(one_device, make)
+    two = build_recipe(two_replica_strategy(), make, weights=one.get_weights())
+    assert isinstance(two.optimizer, keras.optimizers.LossScaleOptimizer)
+    before = [v.numpy().copy() for v in one.optimized_variables]
+    train_step(one_device, one, batch)
+    train_step(two_replica_strategy(), two, batch)
+    update_1, update_2 = (np.concatenate([(v.numpy() - b).ravel() for b, v in zip(before, r.optimized_variables)])
+                          for r in (one, two))
+    assert np.linalg.norm(update_1) > 0
+    assert np.linalg.norm(update_2 - update_1) / np.linalg.norm(update_1) < 0.05
