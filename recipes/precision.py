@@ -17,7 +17,7 @@ policies give the first part (`mixed_bfloat16`, `mixed_float16`: float32 variabl
   through `optimizer.scale_loss`, which is the identity for an unwrapped optimizer.
   bfloat16 has float32's exponent range and needs no scaling.
 
-The published encoder is always float32 (`zoo.export.float32_copy`): precision is a
+The published encoder is always float32 (`zoo.export.without_mixed_precision`): precision is a
 training device, like augmentation.
 """
 

@@ -414,10 +414,10 @@ def in_float32(*models):
     stays None), so evaluation measures, and the run directory holds, what the zoo publishes."""
     import keras
 
-    from zoo.export import with_dtype_policy
+    from zoo.export import without_mixed_precision
 
     keras.mixed_precision.set_global_policy("float32")
-    return [None if model is None else with_dtype_policy(model) for model in models]
+    return [None if model is None else without_mixed_precision(model) for model in models]
 
 
 def embedding_model(encoder, head):

@@ -12,10 +12,11 @@ import recipes  # noqa: F401  (registers every recipe)
 from recipes.base import RECIPES, get_recipe_class
 from recipes.losses import info_nce, l2_normalize
 from recipes.precision import computes_in_float32, global_policy
+from tests.distributed_utils import float64
 from tests.encoders import small_encoder
 from tests.test_train_cli import SMALL, _env, _train
 from zoo import backbones
-from zoo.export import with_dtype_policy
+from zoo.export import with_dtype_policy, without_mixed_precision
 
 LABEL_RECIPES = {"finetune", "pseudo_label", "noisy_student", "fixmatch"}
 SMALL_HPARAMS = {"moco": {"queue_size": 64}, "swav": {"queue_size": 0},
@@ -115,9 +116,16 @@ def test_with_dtype_policy_copies_weights_into_float32_layers(build):
     images = np.random.RandomState(1).randint(0, 256, (4, 16, 16, 1)).astype("float32")
     expected, got = copy(images).numpy(), mixed(images).numpy().astype("float32")
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()  # bfloat16's rounding only
-    assert with_dtype_policy(copy, "float32") is copy
+    assert with_dtype_policy(copy, "float32") is copy and without_mixed_precision(copy) is copy
+    assert without_mixed_precision(mixed).output.dtype == "float32"
     back = with_dtype_policy(copy, "mixed_bfloat16")
     assert back.output.dtype == "bfloat16"
+
+
+def test_only_mixed_models_are_copied_for_publishing():
+    with float64():
+        exact = small_encoder()
+    assert without_mixed_precision(exact) is exact  # a float64 model is not rounded to float32
 
 
 def test_cli_trains_mixed_and_publishes_float32(tmp_path):

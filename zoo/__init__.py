@@ -247,9 +247,9 @@ def publish(
     from zoo import card as cards
     from zoo import export
 
-    # Published in float32 whatever precision it trained in; verified against that copy.
-    encoder = export.with_dtype_policy(encoder)
-    classifier = None if classifier is None else export.with_dtype_policy(classifier)
+    # Published without mixed precision (float32); verified against that copy.
+    encoder = export.without_mixed_precision(encoder)
+    classifier = None if classifier is None else export.without_mixed_precision(classifier)
     shape = list(export.encoder_input_shape(encoder))
     if run and run.get("input_shape") is not None and list(run["input_shape"]) != shape:
         raise ArtifactError(f"run.json says input_shape {run['input_shape']}, but the encoder takes {shape}.")

@@ -199,7 +199,7 @@ def export_saved_model(encoder: keras.Model, export_dir: str, version: int | Non
         version = (versions_in(export_dir) or [0])[-1] + 1
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive integer (TF Serving's layout), got {version!r}.")
-    return write_saved_model(with_dtype_policy(encoder), f"{export_dir.rstrip('/')}/{version}")
+    return write_saved_model(without_mixed_precision(encoder), f"{export_dir.rstrip('/')}/{version}")
 
 
 def write_keras(encoder: keras.Model, path: str) -> str:
@@ -235,8 +235,8 @@ def write_artifact(encoder: keras.Model, directory: str, *, name: str, run=None,
     from zoo import card as cards
     from zoo.store import hash_tree
 
-    encoder = with_dtype_policy(encoder)  # trained in mixed precision or not, published in float32
-    classifier = None if classifier is None else with_dtype_policy(classifier)
+    encoder = without_mixed_precision(encoder)
+    classifier = None if classifier is None else without_mixed_precision(classifier)
     shape = encoder_input_shape(encoder)
     write_saved_model(encoder, directory, classifier, class_names)
     write_keras(encoder, f"{directory}/{KERAS_FILENAME}")
@@ -325,13 +325,11 @@ def _with_policy_in_config(config, policy: str):
     return {key: _with_policy_in_config(value, policy) for key, value in config.items()}
 
 
-def with_dtype_policy(model: keras.Model, policy: str = "float32") -> keras.Model:
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
     """`model` rebuilt with every layer computing in `policy` (e.g. "float32", "mixed_bfloat16"),
     holding the same weights; `model` itself when every layer already does.
 
-    Mixed precision is a training device: the variables are float32 under every policy, so
-    the copy loses nothing. The zoo publishes float32 models (`write_artifact`), so a
-    Keras user or a server gets float32 features whatever precision the encoder trained in.
+    Under a mixed policy the variables are float32 already, so a float32 copy loses nothing.
     """
     policies = {layer.dtype_policy.name for layer in model._flatten_layers(include_self=True)}
     if policies == {policy}:
@@ -345,3 +343,12 @@ def with_dtype_policy(model: keras.Model, policy: str = "float32") -> keras.Mode
         keras.mixed_precision.set_global_policy(previous)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def without_mixed_precision(model: keras.Model) -> keras.Model:
+    """A float32 copy of a model with layers in a mixed policy (`mixed_bfloat16`, `mixed_float16`),
+    else `model` itself. Mixed precision is a training device: the zoo publishes and verifies
+    float32 models, so Keras users and servers get float32 features however an encoder trained."""
+    if any(layer.dtype_policy.name.startswith("mixed_") for layer in model._flatten_layers(include_self=True)):
+        return with_dtype_policy(model, "float32")
+    return model
