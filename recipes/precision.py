@@ -12,8 +12,8 @@ policies give the first part (`mixed_bfloat16`, `mixed_float16`: float32 variabl
   mantissa: a similarity is off by up to 0.004, a logit by 0.06), Sinkhorn-Knopp's
   exponentials and Barlow Twins' cross-correlation sums all need float32, and so do the
   queues, memory banks and centres that store their results.
-* `optimizer_for` wraps the optimizer in Keras's `LossScaleOptimizer` under
-  `mixed_float16` (dynamic loss scaling); `Recipe.loss_and_gradients` scales the loss
+* `optimizer_for`, called by `Recipe.compile`, wraps the optimizer in Keras's
+  `LossScaleOptimizer` under `mixed_float16` (dynamic loss scaling); `Recipe.loss_and_gradients` scales the loss
   through `optimizer.scale_loss`, which is the identity for an unwrapped optimizer.
   bfloat16 has float32's exponent range and needs no scaling.
 
