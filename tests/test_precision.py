@@ -74,6 +74,9 @@ def test_every_recipe_trains_in_mixed_bfloat16_with_float32_weights_and_state(na
     history = recipe.fit(tf.data.Dataset.from_tensors(_batch(name, shape, rng)).repeat(2), epochs=1, verbose=0,
                          callbacks=callbacks)
     assert np.isfinite(history.history["loss"][-1])
+    # The loss itself is float32 math (recipes.losses), not bfloat16's 8-bit mantissa.
+    loss, _ = recipe.loss_terms({k: tf.constant(v) for k, v in _batch(name, shape, rng).items()})
+    assert loss.dtype == tf.float32
     # Weights, EMA targets, queues, memory banks, centres: all float32.
     assert {v.dtype for v in recipe.variables if "float" in v.dtype} == {"float32"}
     assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, recipe.optimized_variables))
