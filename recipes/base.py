@@ -219,11 +219,29 @@ class Recipe(keras.Model):
         gradients = tape.gradient(scaled_loss, self.optimized_variables)
         return loss, gradients, state
 
+    def step_state(self) -> list:
+        """What a train step changes besides the optimized weights and the optimizer's slots:
+        BatchNorm statistics, EMA targets, queues, memory banks, centres."""
+        state = self.non_trainable_weights + [v for model in self.target_models() for v in model.trainable_weights]
+        return list({id(v): v for v in state}.values())
+
     def train_step(self, data):
+        # Under mixed_float16 the loss-scale optimizer skips a step whose gradients are not
+        # finite (and halves the scale); the step's other updates are then undone as well, so
+        # no queue, bank, EMA target or BN statistic keeps what a skipped step computed.
+        skippable = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if skippable:
+            state_variables = self.step_state()
+            saved = [tf.identity(v.value) for v in state_variables]
+            steps_before = tf.identity(self.optimizer.iterations.value)
         self.before_update(data)
         loss, gradients, state = self.loss_and_gradients(data)
         self.optimizer.apply_gradients(zip(gradients, self.optimized_variables))
         self.after_update(data, state)
+        if skippable:
+            applied = self.optimizer.iterations.value > steps_before
+            distribute.assign_synced(state_variables,
+                                     [tf.where(applied, v.value, old) for v, old in zip(state_variables, saved)])
         # Each replica's loss is a share of the global mean; the tracker averages replicas.
         self.loss_tracker.update_state(loss * self.num_replicas)
         logs = {"loss": self.loss_tracker.result()}

@@ -15,7 +15,10 @@ policies give the first part (`mixed_bfloat16`, `mixed_float16`: float32 variabl
 * `optimizer_for`, called by `Recipe.compile`, wraps the optimizer in Keras's
   `LossScaleOptimizer` under `mixed_float16` (dynamic loss scaling); `Recipe.loss_and_gradients` scales the loss
   through `optimizer.scale_loss`, which is the identity for an unwrapped optimizer.
-  bfloat16 has float32's exponent range and needs no scaling.
+  bfloat16 has float32's exponent range and needs no scaling. When the scaler skips a
+  step (its gradients overflowed), `Recipe.train_step` undoes the step's other updates
+  too: BatchNorm statistics, EMA targets, queues, memory banks and centres
+  (`Recipe.step_state`) keep nothing from a step that was not taken.
 
 The published encoder is always float32 (`zoo.export.without_mixed_precision`): precision is a
 training device, like augmentation.

@@ -131,6 +131,15 @@ def test_only_mixed_models_are_copied_for_publishing():
     assert without_mixed_precision(exact) is exact  # a float64 model is not rounded to float32
 
 
+def test_the_precision_flag_offers_the_policies_recipes_know():
+    from absl import flags
+
+    import recipes.train  # noqa: F401  (defines the flags; it imports TensorFlow lazily, so it lists them itself)
+    from recipes.precision import POLICIES
+
+    assert flags.FLAGS["precision"].parser.enum_values == list(POLICIES)
+
+
 def test_cli_trains_mixed_and_publishes_float32(tmp_path):
     env = _env(tmp_path / "tfds", ZOO_HOME=str(tmp_path / "zoo"))
     args = [*SMALL, "--epochs=1", "--precision=mixed_bfloat16", f"--model_dir={tmp_path / 'run'}",
@@ -169,3 +178,30 @@ def test_mixed_float16_step_on_two_replicas_matches_one():
                           for r in (one, two))
     assert np.linalg.norm(update_1) > 0
     assert np.linalg.norm(update_2 - update_1) / np.linalg.norm(update_1) < 0.05
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_step_the_loss_scaler_skips_changes_nothing_but_the_scale(replicas):
+    """Under mixed_float16 a step whose scaled gradients overflow is skipped whole: MoCo's
+    weights, queue, key encoder and BN statistics stay as they were, and the scale halves."""
+    from tests.distributed_utils import build_recipe, train_step, two_replica_strategy
+
+    strategy = two_replica_strategy() if replicas == 2 else tf.distribute.OneDeviceStrategy("/cpu:0")
+    batch = {"image": _batch("moco", (16, 16, 1), np.random.RandomState(0))["image"]}
+    recipe = build_recipe(strategy, lambda: _recipe("moco", "mixed_float16", bn_splits=2)[0])
+    snapshot = lambda: [v.numpy().copy() for v in recipe.step_state() + recipe.optimized_variables]  # noqa: E731
+    assert any("queue" in v.path for v in recipe.step_state())
+    train_step(strategy, recipe, batch)
+    before, scale = snapshot(), float(recipe.optimizer.dynamic_scale.numpy())
+    recipe.optimizer.dynamic_scale.assign(1e37)  # finite in float32; the float16 gradients overflow
+    train_step(strategy, recipe, batch)
+    assert int(recipe.optimizer.iterations.numpy()) == 1
+    assert float(recipe.optimizer.dynamic_scale.numpy()) == pytest.approx(5e36)
+    for old, new in zip(before, snapshot()):
+        np.testing.assert_array_equal(new, old)
+    recipe.optimizer.dynamic_scale.assign(scale)
+    train_step(strategy, recipe, batch)  # a finite step moves all of it again
+    assert int(recipe.optimizer.iterations.numpy()) == 2
+    assert all(np.isfinite(new).all() for new in snapshot())
+    assert not np.array_equal(recipe.queue.keys.numpy(), before[[id(v) for v in recipe.step_state()].index(
+        id(recipe.queue.keys))])
