@@ -55,17 +55,13 @@ def computes_in_float32(function):
 @contextlib.contextmanager
 def global_policy(name: str):
     """Keras's global dtype policy set to `name` inside the block (models built there compute
-    in it), and back to what it was after."""
-    import keras
+    in it), and back to what it was after; `name` must be one of `POLICIES`."""
+    from zoo.export import global_dtype_policy
 
     if name not in POLICIES:
         raise ValueError(f"Unknown precision {name!r}; choose one of {', '.join(POLICIES)}.")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
+    with global_dtype_policy(name):
         yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def optimizer_for(optimizer, policy: str):

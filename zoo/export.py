@@ -23,6 +23,7 @@ polling the base directory never sees a half-written version.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -314,6 +315,18 @@ def verify_artifact(directory: str, encoder: keras.Model, atol: float = 1e-5,
             )
 
 
+@contextlib.contextmanager
+def global_dtype_policy(policy: str):
+    """Keras's global dtype policy is `policy` inside the block (layers built there compute in
+    it) and what it was before after it."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def _with_policy_in_config(config, policy: str):
     """A serialized model's config with every layer's dtype policy replaced by `policy`."""
     if isinstance(config, list):
@@ -335,12 +348,8 @@ def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
     if policies == {policy}:
         return model
     config = _with_policy_in_config(keras.saving.serialize_keras_object(model), policy)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)  # for sublayers a custom layer builds in __init__
-    try:
+    with global_dtype_policy(policy):  # for sublayers a custom layer builds in __init__
         copy = keras.saving.deserialize_keras_object(config)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     copy.set_weights(model.get_weights())
     return copy
 
