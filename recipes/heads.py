@@ -105,6 +105,8 @@ def dino_head(output_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: i
         else:
             blocks.append(layers.Dense(hidden_dim, activation="gelu", name=f"{name}_dense{i + 1}"))
     blocks.append(layers.Dense(bottleneck_dim, name=f"{name}_bottleneck"))
-    blocks.append(layers.UnitNormalization(axis=-1, name=f"{name}_l2"))
+    # float32 under mixed precision: in float16 the squared norm overflows past ~256 per
+    # coordinate and Keras's epsilon (1e-12) underflows to 0, giving zeros or NaN.
+    blocks.append(layers.UnitNormalization(axis=-1, name=f"{name}_l2", dtype="float32"))
     blocks.append(WeightNormDense(output_dim, fixed_norm=norm_last_layer, name=f"{name}_prototypes"))
     return keras.Sequential(blocks, name=name)

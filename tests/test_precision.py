@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import recipes  # noqa: F401  (registers every recipe)
 from recipes.base import RECIPES, get_recipe_class
+from recipes.heads import dino_head
 from recipes.losses import info_nce, l2_normalize
 from recipes.precision import computes_in_float32, global_policy
 from tests.distributed_utils import float64
@@ -129,6 +130,27 @@ def test_only_mixed_models_are_copied_for_publishing():
     with float64():
         exact = small_encoder()
     assert without_mixed_precision(exact) is exact  # a float64 model is not rounded to float32
+
+
+@pytest.mark.parametrize("head", ["dino", "swav"])
+def test_l2_normalization_layers_stay_finite_under_mixed_float16(head):
+    """In float16 a squared norm overflows past ~256 per coordinate of an 8-d row and Keras's
+    epsilon 1e-12 underflows to 0: a float16 UnitNormalization returns zeros and NaN here."""
+    with global_policy("mixed_float16"):
+        if head == "dino":
+            model = dino_head(output_dim=16, hidden_dim=32, bottleneck_dim=8)
+            model.build((None, 4))
+            l2 = model.get_layer("dino_head_l2")
+        else:
+            model = get_recipe_class("swav")(small_encoder(), num_prototypes=8, hidden_dim=16, projection_dim=8,
+                                             queue_size=0).embedding_head()
+            l2 = model.layers[-1]
+    rows = np.zeros((3, 8), "float32")
+    rows[1], rows[2] = 1.0, 300.0  # a zero row, a small one, one whose float16 squared norm is inf
+    normalized = l2(rows).numpy()
+    np.testing.assert_allclose(np.linalg.norm(normalized[1:], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(normalized[0], 0.0)
+    assert model.layers[0].compute_dtype == "float16"  # the rest of the head still computes in float16
 
 
 def test_the_precision_flag_offers_the_policies_recipes_know():
