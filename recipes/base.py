@@ -75,6 +75,10 @@ class Recipe(keras.Model):
     # Whether the recipe schedules something over the run's length and takes `total_steps`
     # (BYOL's and DINO's momentum cosine, SeLa's label steps).
     needs_total_steps = False
+    # Whether the optimizer's weight decay reaches the 1-D variables (biases, BN and LN scales
+    # and offsets). BYOL's, DINO's and MAE's papers exempt them whatever the optimizer; LARS
+    # (recipes.optimizers) exempts them in every recipe.
+    decay_vectors = True
 
     @classmethod
     def run_facts(cls, total_steps, dataset_size) -> dict:
@@ -90,9 +94,13 @@ class Recipe(keras.Model):
 
     def compile(self, optimizer="rmsprop", **kwargs):
         """Keras's compile; under the mixed_float16 policy the optimizer is wrapped for loss
-        scaling (`recipes.precision`)."""
+        scaling (`recipes.precision`); without `decay_vectors` the 1-D variables are exempt
+        from its weight decay."""
         optimizer = precision.optimizer_for(keras.optimizers.get(optimizer), self.dtype_policy.name)
         super().compile(optimizer=optimizer, **kwargs)
+        if not self.decay_vectors:
+            precision.inner_optimizer(self.optimizer).exclude_from_weight_decay(
+                var_list=[v for v in self.optimized_variables if len(v.shape) <= 1])
 
     # ---- configuration (what a zoo card records) -------------------------------
     def get_config(self) -> dict:

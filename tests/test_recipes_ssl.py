@@ -337,3 +337,19 @@ def test_embedding_head_is_the_online_projection_the_loss_compares(name, config)
 
 def test_cpc_has_no_embedding_head():
     assert _cpc()().embedding_head() is None
+
+
+@pytest.mark.parametrize("name", ["byol", "dino", "moco"])
+def test_weight_decay_spares_biases_and_norms_where_the_paper_does(name):
+    """BYOL's and DINO's papers decay weight matrices only, whatever the optimizer; MoCo's
+    code decays every parameter. With zero gradients AdamW's step is the decay alone:
+    decayed variables shrink by (1 - lr * wd), spared ones stay."""
+    recipe = get_recipe_class(name)(_encoder(), **({"queue_size": 64} if name == "moco" else {}))
+    recipe.compile(optimizer=keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5))
+    variables = recipe.optimized_variables
+    before = [v.numpy().copy() for v in variables]
+    recipe.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    assert any(len(old.shape) <= 1 for old in before) and any(len(old.shape) > 1 for old in before)
+    for old, variable in zip(before, variables):
+        decayed = len(old.shape) > 1 or name == "moco"
+        np.testing.assert_allclose(variable.numpy(), old * (1 - 0.1 * 0.5 if decayed else 1.0), rtol=1e-5, atol=1e-7)

@@ -64,6 +64,7 @@ class BYOL(Recipe):
     """
 
     needs_total_steps = True
+    decay_vectors = False  # the paper: no weight decay (nor LARS adaptation) on biases and BN
 
     def __init__(self, encoder, total_steps=None, momentum_base=0.996, projection_dim=256, hidden_dim=4096,
                  bn_splits=None, view_policies=None, seed=0, **kwargs):

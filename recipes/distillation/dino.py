@@ -30,8 +30,10 @@ the same (the released code runs all crops of one size as one batch, so its BN s
 both global views together: a deliberate difference, for that equality). The local crops run through the same encoder rebuilt on their smaller
 input shape (`heads.at_input_shape`: same layers, same weights).
 
-Left to the optimizer (the training CLI): the paper's AdamW with cosine weight
-decay 0.04 -> 0.4, and gradient clipping at 3.0.
+The optimizer is the training CLI's (the paper's is AdamW): its per-parameter gradient
+clipping at 3.0 is `--optimizer_args=clipnorm=3.0`; its cosine weight-decay schedule
+(0.04 -> 0.4) is not implemented, `--weight_decay` is constant (as in the paper's ResNet
+runs). Biases and norm parameters get no weight decay, as in the paper's code.
 """
 
 import keras
@@ -85,6 +87,7 @@ class DINO(Recipe):
     """
 
     needs_total_steps = True
+    decay_vectors = False  # the paper's code regularizes neither biases nor norm parameters
 
     def __init__(self, encoder, total_steps=None, momentum_base=0.996, output_dim=65536, hidden_dim=2048,
                  bottleneck_dim=256, student_temperature=0.1, warmup_teacher_temperature=0.04,

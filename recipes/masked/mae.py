@@ -29,7 +29,7 @@ is the training CLI's: the paper's is AdamW (betas 0.9, 0.95; wd 0.05; lr 1.5e-4
 import keras
 import tensorflow as tf
 
-from recipes import distribute, precision
+from recipes import distribute
 from recipes.augment import MAE_VIEW, random_view
 from recipes.base import Recipe, register
 from recipes.losses import masked_patch_mse
@@ -69,6 +69,8 @@ class MAE(Recipe):
       view_policy: augmentation fields to change from MAE's (a dict).
       seed: augmentation and masking seed.
     """
+
+    decay_vectors = False  # the paper's code decays weight matrices only
 
     def __init__(self, encoder, mask_ratio=0.75, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                  norm_pix_loss=True, view_policy=None, seed=0, **kwargs):
@@ -112,13 +114,6 @@ class MAE(Recipe):
         return {**super().get_config(), "mask_ratio": self.mask_ratio, "decoder_dim": self.decoder_dim,
                 "decoder_depth": self.decoder_depth, "decoder_heads": self.decoder_heads,
                 "norm_pix_loss": self.norm_pix_loss, "view_policy": self.view_policy.to_config()}
-
-    def compile(self, optimizer="adamw", **kwargs):
-        """Keras' compile; then biases and LayerNorm parameters (the 1-D variables) are exempt
-        from the optimizer's weight decay, as in the paper's code."""
-        super().compile(optimizer=optimizer, **kwargs)
-        precision.inner_optimizer(self.optimizer).exclude_from_weight_decay(
-            var_list=[v for v in self.optimized_variables if len(v.shape) <= 1])
 
     def encode_visible(self, images, keep):
         """Encoder on the kept patches only: [B, num_keep, dim]."""
