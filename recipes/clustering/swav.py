@@ -105,7 +105,8 @@ class SwAV(Recipe):
 
     def embedding_head(self):
         """The projection the prototypes score, L2-normalized."""
-        return keras.Sequential([*self.head.layers, keras.layers.UnitNormalization(name="unit", dtype="float32")], name="swav_embedding")
+        unit = keras.layers.UnitNormalization(name="unit", dtype="float32")  # float16 overflows the squared norm
+        return keras.Sequential([*self.head.layers, unit], name="swav_embedding")
 
     def _embed(self, encoder, views):
         return l2_normalize(self.encode_in_groups(
