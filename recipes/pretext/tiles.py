@@ -7,9 +7,9 @@ task cannot be solved by continuing lines or textures across a shared border (a 
 shortcut"); the jigsaw paper also normalizes each tile's mean and standard deviation on
 its own, so that brightness does not give a tile's position away. Here a square image of
 side S is centre-cropped to 3 * (S // 3) pixels, each cell of side c = S // 3 gives one
-tile of side t = round(0.75 c) (64 of the jigsaw paper's 85-pixel cells). Of the c - t
-spare pixels per cell and axis, half (at least 1) is kept as a gap and the rest is
-jitter, so neighbouring tiles are always at least that gap apart (`tile_offsets`).
+tile of side t = round(0.75 c) (the jigsaw paper cuts 64 of 75-pixel cells, its common
+PyTorch port 64 of 85). Of the c - t spare pixels per cell and axis, half (at least 1) is
+kept as a gap and the rest is jitter, so neighbouring tiles are always at least that gap apart (`tile_offsets`).
 Offsets are drawn for the global batch (`augment.GlobalDraws`), so 1 and N replicas cut
 the same tiles.
 """
