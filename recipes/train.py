@@ -430,15 +430,17 @@ def embedding_model(encoder, head):
 def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=None, classifier=None):
     """encoder.keras (+ embedding.keras or classifier.keras), run.json, metrics.json on the chief
     (then --publish_as)."""
+    from zoo.export import save_trainable
+
     if not chief:  # keep only this worker's final encoder, to check workers agree
         shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
-        encoder.save(os.path.join(model_dir, "encoder.keras"))
+        save_trainable(encoder, os.path.join(model_dir, "encoder.keras"))
         return
-    encoder.save(os.path.join(model_dir, "encoder.keras"))
+    save_trainable(encoder, os.path.join(model_dir, "encoder.keras"))
     if embedding_head is not None:
-        embedding_model(encoder, embedding_head).save(os.path.join(model_dir, "embedding.keras"))
+        save_trainable(embedding_model(encoder, embedding_head), os.path.join(model_dir, "embedding.keras"))
     if classifier is not None:
-        classifier.save(os.path.join(model_dir, "classifier.keras"))
+        save_trainable(classifier, os.path.join(model_dir, "classifier.keras"))
     from recipes.checkpointing import write_json
 
     for name, content in (("run.json", run_info), ("metrics.json", metrics)):

@@ -218,6 +218,8 @@ def test_cpc_trains_a_layer_norm_encoder_by_default(data_dir, tmp_path):
                                              ("pseudo_label", "rounds=1"),
                                              ("noisy_student", "rounds=1,student_steps_scale=1.5")])
 def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams, data_dir, tmp_path):
+    import keras
+
     import zoo
 
     store = tmp_path / "zoo"
@@ -253,7 +255,10 @@ def test_label_recipes_train_from_the_cli_with_a_labelled_split(recipe, hparams,
         protocol = metrics["classifier"]["protocol"]
         assert protocol["steps_per_student"] == (3 if recipe == "noisy_student" else 2)
         assert protocol["unlabelled_ratio"] == (3.0 if recipe == "noisy_student" else None)
-    assert (tmp_path / "encoder.keras").exists()
+    # Fine-tunable, whatever the recipe froze (FixMatch's EMA encoder and classifier).
+    assert zoo.load(f"{recipe}_shapes", store=str(store)).trainable and classifier.trainable
+    for name in ("encoder.keras", "classifier.keras"):
+        assert keras.saving.load_model(tmp_path / name).trainable_weights
     assert any((tmp_path / "checkpoints").iterdir())  # what was trained is kept (resume: test_semi_resume.py)
     if recipe == "fixmatch":  # the snapshot benchmark restores the run's EMA model from its checkpoint,
         # rebuilt from the run's launch.json alone (dataset, width, alignment's prediction history).

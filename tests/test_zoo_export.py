@@ -75,3 +75,17 @@ def test_rejects_non_pooled_encoder(tmp_path):
     spatial = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
     with pytest.raises(ValueError, match="pooled features"):
         export.export_saved_model(spatial, str(tmp_path / "bad"))
+
+
+def test_a_frozen_model_is_saved_trainable_and_stays_frozen(tmp_path):
+    """FixMatch publishes its EMA encoder, frozen for training; the zoo's file must load
+    trainable (Keras records the flag), and the recipe's model must stay frozen."""
+    import keras
+
+    encoder = backbones.build("resnet18_small", (16, 16, 1), width=0.125)
+    encoder.trainable = False
+    path = export.write_keras(encoder, str(tmp_path / "encoder.keras"))
+    assert not encoder.trainable and not encoder.trainable_weights
+    loaded = keras.saving.load_model(path)
+    assert loaded.trainable and len(loaded.trainable_weights) == len(encoder.weights) - sum(
+        len(layer.non_trainable_weights) for layer in loaded.layers if isinstance(layer, keras.layers.BatchNormalization))

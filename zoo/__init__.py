@@ -102,7 +102,9 @@ def _load_keras_file(name, version, store, compile, filename):
         path = os.path.join(tmp, filename)
         with open(path, "wb") as f:
             f.write(data)
-        return keras.saving.load_model(path, compile=compile)
+        model = keras.saving.load_model(path, compile=compile)
+    model.trainable = True  # entries published frozen (FixMatch's EMA encoder, before session 33) too
+    return model
 
 
 def info(name: str, version: int | str | None = None, store=None) -> dict:

@@ -203,19 +203,34 @@ def export_saved_model(encoder: keras.Model, export_dir: str, version: int | Non
     return write_saved_model(without_mixed_precision(encoder), f"{export_dir.rstrip('/')}/{version}")
 
 
+def save_trainable(model: keras.Model, path: str) -> None:
+    """`model.save(path)` with every layer trainable, as the zoo promises its models
+    (`zoo.load`), whatever a recipe froze for training (FixMatch's EMA encoder is updated
+    by averaging, not by gradients). Keras records `trainable` in the file; the model's own
+    flags are put back after saving."""
+    frozen = [layer for layer in model._flatten_layers(include_self=True) if not layer.trainable]
+    for layer in frozen:
+        layer.trainable = True
+    try:
+        model.save(path)
+    finally:
+        for layer in frozen:
+            layer.trainable = False
+
+
 def write_keras(encoder: keras.Model, path: str) -> str:
-    """Saves a trainable model (the encoder, or the classifier) as a `.keras` file (any gfile
+    """Saves a model (the encoder, or the classifier) as a trainable `.keras` file (any gfile
     URI, via a local temp file)."""
     if not path.endswith(".keras"):
         raise ValueError(f"A Keras model file must end in .keras, got {path!r}.")
     if "://" not in path:
-        encoder.save(path)
+        save_trainable(encoder, path)
         return path
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, KERAS_FILENAME)
-        encoder.save(local)
+        save_trainable(encoder, local)
         tf.io.gfile.copy(local, path, overwrite=False)
     return path
 
