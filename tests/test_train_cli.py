@@ -192,6 +192,8 @@ def test_a_label_recipe_retrains_from_its_card_with_the_same_labelled_split(data
     first = _train(["--recipe=finetune", "--dataset=synthetic_shapes", "--width=0.125", "--batch_size=16",
                     "--labels_per_class=4", "--hparams=dropout=0.1", f"--model_dir={tmp_path / 'a'}", *common], env)
     assert first.returncode == 0, first.stderr[-2000:]
+    # 4 labels x 8 classes at batch 16: an epoch is 2 steps, and the CLI says so.
+    assert "one pass over the 32 labelled images, 2 step(s) of 16: 2 steps in all" in first.stdout
     second = _train(["--zoo_entry=tiny_finetune", f"--model_dir={tmp_path / 'b'}", *common], env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Published tiny_finetune:2" in second.stdout

@@ -90,6 +90,12 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
     # --steps_per_epoch fixes every model's length to epochs * steps_per_epoch steps; without
     # it an epoch is one pass over that model's own training set (for 100 labels: 1-2 steps).
     steps = epochs * steps_per_epoch if steps_per_epoch else None
+    labelled_batches = max(1, len(labelled_idx) // batch_size)  # fit_classifier's epoch
+    if steps is None and recipe != "fixmatch" and labelled_batches < 10:
+        print(f"Note: without --steps_per_epoch an epoch of the {'fine-tune' if recipe == 'finetune' else 'teacher'} "
+              f"is one pass over the {len(labelled_idx)} labelled images, {labelled_batches} step(s) of {batch_size}: "
+              f"{epochs * labelled_batches} steps in all. The README's few-label runs pass --steps_per_epoch=100.",
+              flush=True)
     if recipe == "finetune":
         model, metrics = run_finetune(encoder_fn(), num_classes, *labelled, (test_x, test_y), epochs=epochs,
                                       steps=steps, batch_size=batch_size, checkpoint_dir=checkpoint_dir,

@@ -11,7 +11,8 @@
 * Cutout (DeVries & Taylor 2017): a grey square of side drawn uniformly up to half the
   image (the paper's table 12, as TorchSSL), which FixMatch applies after RandAugment in
   every strong view. The released FixMatch code cuts a fixed half-side square instead
-  (about 4x the area on average): a stronger strong view than ours.
+  (about 2.8x the area on average, border clipping included): a stronger strong view
+  than ours.
 
 The 14 operations and their ranges at full strength s=1 (sign of the signed ones is
 random): identity, auto-contrast, equalize, brightness / colour / contrast /
