@@ -20,7 +20,7 @@ has seen, so predicting it is partly copying. s defaults to ceil(patch_size /
 patch_stride), the first row that shares no pixel (2 at 50% overlap). That row still
 touches the context row's edge; the paper's pseudocode (appendix A.2, `steps_to_ignore=2`)
 goes one row further, to the row 3 below at 50% overlap, a full stride away, which
-`first_step=3` gives (on a grid of at least 4 + K - 1 rows; not yet measured here).
+`first_step=3` gives (on a grid of at least 3 + K rows; not yet measured here).
 
 The context network is a stack of residual blocks of row-causal convolutions (a
 (h x 3) kernel padded only above), a small stand-in for the paper's 12-block
