@@ -77,6 +77,7 @@ class _Queue:
         self.servable, self.sig = servable, sig
         self.tasks: collections.deque[_Task] = collections.deque()
         self.rows = 0
+        self.retired = False  # its servable was unloaded: forgotten once drained
 
 
 class BatchScheduler:
@@ -112,10 +113,17 @@ class BatchScheduler:
             t.join(timeout=10)
 
     def remove(self, servable: Servable):
-        """Forgets the queues of an unloaded servable once they have drained."""
+        """Forgets the queues of an unloaded servable: now if empty, else once drained (a queue
+        kept would hold the unloaded model in memory)."""
         with self._cond:
-            for key in [k for k, q in self._queues.items() if q.servable is servable and not q.tasks]:
-                del self._queues[key]
+            for queue in self._queues.values():
+                if queue.servable is servable:
+                    queue.retired = True
+            self._forget_drained()
+
+    def _forget_drained(self):
+        for key in [k for k, q in self._queues.items() if q.retired and not q.tasks]:
+            del self._queues[key]
 
     def run(self, servable: Servable, sig: Signature, inputs: dict[str, np.ndarray],
             timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -180,6 +188,7 @@ class BatchScheduler:
         """(queue, tasks) of a batch that is full or timed out, else (None, seconds to wait)."""
         now, wait = time.monotonic(), None
         timeout = self.options.batch_timeout_micros / 1e6
+        self._forget_drained()
         queues = list(self._queues.values())
         for i in range(len(queues)):
             queue = queues[(self._next + i) % len(queues)]

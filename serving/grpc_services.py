@@ -50,6 +50,23 @@ def _to_array(key, proto) -> np.ndarray:
         raise errors.invalid_argument(f"Input '{key}' is not a valid TensorProto: {exc}") from exc
 
 
+# The TensorProto field TF Serving fills for each output dtype (`Tensor::AsProtoField`, its
+# Predict default), so clients that read e.g. `outputs["embedding"].float_val` get the values.
+_PROTO_FIELDS = {tf.float32: "float_val", tf.float64: "double_val", tf.int32: "int_val", tf.int16: "int_val",
+                 tf.int8: "int_val", tf.uint8: "int_val", tf.uint16: "int_val", tf.int64: "int64_val",
+                 tf.uint32: "uint32_val", tf.uint64: "uint64_val", tf.bool: "bool_val"}
+
+
+def as_proto_field(value) -> tf.compat.v1.TensorProto:
+    """`value` as a TensorProto with its values in the typed field, not `tensor_content`."""
+    proto = tf.make_tensor_proto(value)
+    field = _PROTO_FIELDS.get(tf.as_dtype(proto.dtype))
+    if proto.tensor_content and field:
+        proto.ClearField("tensor_content")
+        getattr(proto, field).extend(np.asarray(value).ravel().tolist())
+    return proto
+
+
 def _timeout(context):
     remaining = context.time_remaining()
     return None if remaining is None or remaining > 1e9 else remaining
@@ -70,7 +87,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = predict_pb2.PredictResponse()
         fill_model_spec(response.model_spec, servable, sig.name)
         for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+            response.outputs[key].CopyFrom(as_proto_field(value))
         return response
 
     @_rpc("get_model_metadata")
@@ -142,9 +159,9 @@ def metadata_response(servable) -> get_model_metadata_pb2.GetModelMetadataRespon
     return response
 
 
-def status_response(manager, name, version, label) -> get_model_status_pb2.GetModelStatusResponse:
+def status_response(manager, name, version) -> get_model_status_pb2.GetModelStatusResponse:
     response = get_model_status_pb2.GetModelStatusResponse()
-    for v, st in manager.status(name, version, label):
+    for v, st in manager.status(name, version):
         row = response.model_version_status.add(version=v, state=st.state)
         row.status.SetInParent()  # TF Serving always reports a status (error_code OK if fine)
         if st.error is not None:
@@ -160,8 +177,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     @_rpc("get_model_status")
     def GetModelStatus(self, request, context, obs):
-        name, version, label = spec_args(request.model_spec)
-        return status_response(self.core.manager, name, version, label)
+        name, version, _ = spec_args(request.model_spec)  # TF Serving ignores a version label here
+        return status_response(self.core.manager, name, version)
 
     @_rpc("reload_config")
     def HandleReloadConfigRequest(self, request, context, obs):

@@ -267,17 +267,18 @@ class ModelManager:
             return available[version]
         raise errors.not_found(f"Servable not found for request: {_request_text(name, version, label)}")
 
-    def status(self, name: str, version: int | None = None, label: str | None = None):
-        """[(version, VersionStatus)] as GetModelStatus answers them."""
-        model, version = self.resolve_version(name, version, label)
+    def status(self, name: str, version: int | None = None):
+        """[(version, VersionStatus)] as GetModelStatus answers them: one version, or every
+        version newest first (TF Serving's ServableStateMonitor order; it resolves no label)."""
+        model = self._models.get(name)
+        statuses = {} if model is None else model.status
         if version is None:
-            items = sorted(model.status.items())
-            if not items:
+            if not statuses:
                 raise errors.not_found(f"Could not find any versions of model {name}")
-            return items
-        if version not in model.status:
+            return sorted(statuses.items(), reverse=True)
+        if version not in statuses:
             raise errors.not_found(f"Could not find version {version} of model {name}")
-        return [(version, model.status[version])]
+        return [(version, statuses[version])]
 
     def wait_until_available(self, name: str, version: int | None = None, timeout: float = 60.0) -> Servable:
         """Blocks until the version (or any version) serves; for tests and start-up scripts."""

@@ -90,7 +90,7 @@ class RestServer:
                     meta["metadata"]["signature_def"].pop("@type", None)
                     return 200, rest_json.dumps(meta), "application/json"
                 if is_get:
-                    return 200, rest_json.dumps(_to_json(status_response(self.core.manager, name, version, label))), \
+                    return 200, rest_json.dumps(_to_json(status_response(self.core.manager, name, version))), \
                         "application/json"
                 body = read_body()
                 if verb == "predict":

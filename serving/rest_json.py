@@ -7,8 +7,8 @@ outputs whose name ends in "_bytes" are returned that way too. JSON numbers take
 the signature declares.
 
 Classify/regress: {"signature_name": ..., "context": {feature: value(s)}, "examples":
-[{feature: value(s)}, ...]} -> {"result": [[[label, score], ...], ...]} or {"result": [value,
-...]}. A feature's kind follows its JSON values: integers and booleans int64_list, other
+[{feature: value(s)}, ...]} -> {"results": [[[label, score], ...], ...]} or {"results": [value,
+...]} (the key TF Serving's server sends; its REST guide writes "result"). A feature's kind follows its JSON values: integers and booleans int64_list, other
 numbers float_list, strings and {"b64"} bytes_list.
 """
 
@@ -228,11 +228,11 @@ def _add_feature_value(feature, name: str, value):
 
 
 def classification_json(result) -> dict:
-    return {"result": [[[c.label, c.score] for c in row.classes] for row in result.classifications]}
+    return {"results": [[[c.label, c.score] for c in row.classes] for row in result.classifications]}
 
 
 def regression_json(result) -> dict:
-    return {"result": [r.value for r in result.regressions]}
+    return {"results": [r.value for r in result.regressions]}
 
 
 def dumps(obj) -> bytes:

@@ -105,6 +105,28 @@ def test_full_queue_answers_unavailable(servable):
     assert any(isinstance(r, dict) for r in results)
 
 
+def test_an_unloaded_servables_queue_is_forgotten_once_drained(servable):
+    """A version unloaded while its requests wait is served to the end, then its queue (and the
+    model it holds) is dropped."""
+    scheduler = BatchScheduler(BatchingOptions(max_batch_size=64, batch_timeout_micros=300_000, num_batch_threads=1))
+    images = {"images": np.zeros((2, 8, 8, 1), np.float32)}
+    results = []
+    try:
+        caller = threading.Thread(target=lambda: results.append(
+            scheduler.run(servable, servable.signatures["serving_default"], images, timeout=10)))
+        caller.start()
+        while not scheduler._queues:  # the request is queued, waiting for the batch timeout
+            pass
+        scheduler.remove(servable)
+        assert scheduler._queues  # still queued: not dropped
+        caller.join()
+        with scheduler._cond:
+            scheduler._pick_ready()
+        assert results and results[0]["embedding"].shape[0] == 2 and not scheduler._queues
+    finally:
+        scheduler.stop()
+
+
 def test_options_from_batching_parameters_text_proto():
     params = text_format.Parse("""
         max_batch_size { value: 64 } batch_timeout_micros { value: 500 }

@@ -99,6 +99,9 @@ def test_predict_latest_version_and_specific_versions(predict):
     assert response.model_spec.signature_name == "serving_default"
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["embedding"]), ToyEncoder(seed=2).numpy_embed(IMAGES),
                                rtol=1e-5, atol=1e-6)
+    # Values in the typed field, as TF Serving's Predict sends them (clients read `.float_val`).
+    embedding = response.outputs["embedding"]
+    assert not embedding.tensor_content and len(embedding.float_val) == np.prod(tf.make_ndarray(embedding).shape)
     v1 = predict.Predict(predict_request(version=1))
     assert v1.model_spec.version.value == 1
     np.testing.assert_allclose(tf.make_ndarray(v1.outputs["embedding"]), ToyEncoder(seed=1).numpy_embed(IMAGES),
@@ -179,7 +182,7 @@ def test_get_model_metadata(predict):
 
 def test_model_status_reports_unloadable_version_and_others_keep_serving(models, predict):
     status = models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "broken"}))
-    ok, row = status.model_version_status
+    row, ok = status.model_version_status  # newest first, as TF Serving
     assert (ok.version, ok.state, ok.status.error_code) == (1, State.AVAILABLE, 0)
     assert row.version == 2 and row.state == State.END
     assert row.status.error_code != 0 and row.status.error_message

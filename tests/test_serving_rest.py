@@ -51,11 +51,12 @@ def expected(version, images=IMAGES):
 def test_status_urls(call):
     status, body = call("/v1/models/toy")
     assert status == 200
-    assert body == {"model_version_status": [
-        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
-        {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert body == {"model_version_status": [  # newest first, as TF Serving's state monitor keeps them
+        {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
     assert [s["version"] for s in call("/v1/models/toy/versions/2")[1]["model_version_status"]] == ["2"]
-    assert [s["version"] for s in call("/v1/models/toy/labels/stable")[1]["model_version_status"]] == ["1"]
+    # TF Serving's GetModelStatus reads the version only: a label lists every version.
+    assert [s["version"] for s in call("/v1/models/toy/labels/stable")[1]["model_version_status"]] == ["2", "1"]
 
 
 def test_metadata_urls(call):
@@ -121,18 +122,18 @@ def test_classify_and_regress_take_examples_as_json(call):
     softmax = np.exp(XS) / np.exp(XS).sum(axis=1, keepdims=True)
     status, body = call("/v1/models/examples:classify", {"examples": [{"x": list(x)} for x in XS]})
     assert status == 200, body
-    assert [[label for label, _ in row] for row in body["result"]] == [["cat", "dog"]] * 2
-    np.testing.assert_allclose([[score for _, score in row] for row in body["result"]], softmax, rtol=1e-6)
+    assert [[label for label, _ in row] for row in body["results"]] == [["cat", "dog"]] * 2
+    np.testing.assert_allclose([[score for _, score in row] for row in body["results"]], softmax, rtol=1e-6)
 
     status, body = call("/v1/models/examples/versions/1:regress",
                         {"signature_name": "regress", "examples": [{"x": list(x)} for x in XS]})
     assert status == 200, body
-    np.testing.assert_allclose(body["result"], XS.sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(body["results"], XS.sum(axis=1), rtol=1e-6)
 
     # The context's features reach every example; an example's own features win over it.
     status, body = call("/v1/models/examples:regress", {"signature_name": "regress", "context": {"x": [3.0, 0.5]},
                                                         "examples": [{}, {"x": [1.5, 1.5]}]})
-    assert (status, body) == (200, {"result": [3.5, 3.0]})
+    assert (status, body) == (200, {"results": [3.5, 3.0]})
 
 
 BAD_EXAMPLES = {
@@ -154,7 +155,7 @@ def test_bad_classify_bodies_answer_400_and_server_keeps_serving(call, case):
     assert status == 400, answer
     assert set(answer) == {"error"} and answer["error"]
     assert 'File "' not in answer["error"], "the graph's Python frames are noise to a client"
-    assert call("/v1/models/examples:classify", {"examples": [{"x": [0.0, 0.0]}]}) == (200, {"result": [[["cat", 0.5], ["dog", 0.5]]]})
+    assert call("/v1/models/examples:classify", {"examples": [{"x": [0.0, 0.0]}]}) == (200, {"results": [[["cat", 0.5], ["dog", 0.5]]]})
 
 
 @pytest.mark.parametrize("path, method, body, code", [

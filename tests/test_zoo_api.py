@@ -254,8 +254,8 @@ def test_a_published_classifier_answers_tf_serving_classify(run_dir, tmp_path):
     assert [[c.label for c in row.classes] for row in rows] == [["a", "b", "c"]] * 2
     np.testing.assert_allclose([[c.score for c in row.classes] for row in rows], expected, rtol=1e-5, atol=1e-6)
     assert status == 200, body
-    assert [[label for label, _ in row] for row in body["result"]] == [["a", "b", "c"]] * 2
-    np.testing.assert_allclose([[score for _, score in row] for row in body["result"]], expected, rtol=1e-5,
+    assert [[label for label, _ in row] for row in body["results"]] == [["a", "b", "c"]] * 2
+    np.testing.assert_allclose([[score for _, score in row] for row in body["results"]], expected, rtol=1e-5,
                                atol=1e-6)
 
 
