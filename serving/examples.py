@@ -35,20 +35,19 @@ def _answer(core, request, timeout, method, response, fill_result):
 def run(core: ServingCore, request, method: str, timeout=None):
     """(servable, signature, outputs, number of examples) of a Classification/RegressionRequest."""
     name, version, label = spec_args(request.model_spec)
-    servable = core.manager.servable(name, version, label)
     kind = method.rsplit("/", 1)[-1]
-    if not any(s.method_name == method for s in servable.signatures.values()):
-        raise errors.unimplemented(
-            f"{kind.capitalize()} is not supported by model {name} version {servable.version}: "
-            f"it has no signature with method_name {method}. Use Predict.")
-    sig = servable.signature(request.model_spec.signature_name or None)
-    if sig.method_name != method:
-        raise errors.invalid_argument(
-            f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}")
     examples = _serialized_examples(request.input)
-    (key,) = sig.inputs
-    _, _, outputs = core.predict(name, servable.version, None, sig.name,
-                                 {key: np.array(examples, dtype=object)}, timeout=timeout)
+
+    def inputs(sig):  # checked against the servable the request runs on (no race with a version swap)
+        if sig.method_name != method:
+            raise errors.invalid_argument(
+                f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}")
+        if len(sig.inputs) != 1:
+            raise errors.invalid_argument("Expected one input Tensor.")
+        return {key: np.array(examples, dtype=object) for key in sig.inputs}
+
+    servable, sig, outputs = core.predict(name, version, label, request.model_spec.signature_name or None, inputs,
+                                          timeout=timeout)
     return servable, sig, outputs, len(examples)
 
 

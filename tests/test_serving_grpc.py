@@ -193,14 +193,17 @@ def test_model_status_reports_unloadable_version_and_others_keep_serving(models,
                 grpc.StatusCode.NOT_FOUND)
 
 
-def test_classify_regress_multiinference_unimplemented_without_such_signature(predict):
+def test_classify_regress_multiinference_refused_without_such_signature(predict):
+    """TF Serving: INVALID_ARGUMENT "Expected classification signature method_name to be ..."."""
     examples = {"model_spec": {"name": "toy"}, "input": {"example_list": {"examples": [{}]}}}
     expect_code(lambda: predict.Classify(classification_pb2.ClassificationRequest(**examples)),
-                grpc.StatusCode.UNIMPLEMENTED)
+                grpc.StatusCode.INVALID_ARGUMENT)
     expect_code(lambda: predict.Regress(regression_pb2.RegressionRequest(**examples)),
-                grpc.StatusCode.UNIMPLEMENTED)
+                grpc.StatusCode.INVALID_ARGUMENT)
     multi = inference_pb2.MultiInferenceRequest(input=examples["input"])
     multi.tasks.add(model_spec={"name": "toy"}, method_name="tensorflow/serving/classify")
+    expect_code(lambda: predict.MultiInference(multi), grpc.StatusCode.INVALID_ARGUMENT)
+    multi.tasks[0].method_name = "tensorflow/serving/predict"
     expect_code(lambda: predict.MultiInference(multi), grpc.StatusCode.UNIMPLEMENTED)
 
 

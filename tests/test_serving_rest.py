@@ -167,7 +167,7 @@ def test_bad_classify_bodies_answer_400_and_server_keeps_serving(call, case):
     ("/v1/models/toy:predict", "POST", b"{not json", 400),
     ("/v1/models/toy:predict", "GET", None, 400),
     ("/v1/models/toy/versions/x", "GET", None, 400),
-    ("/v1/models/toy:classify", "POST", {"examples": [{}]}, 501),
+    ("/v1/models/toy:classify", "POST", {"examples": [{}]}, 400),  # no classify signature: INVALID_ARGUMENT
     ("/nowhere", "GET", None, 404),
 ])
 def test_unknown_names_and_malformed_requests(call, path, method, body, code):
