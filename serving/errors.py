@@ -66,6 +66,7 @@ def unavailable(msg): return ServingError("UNAVAILABLE", msg)
 def unimplemented(msg): return ServingError("UNIMPLEMENTED", msg)
 def deadline_exceeded(msg): return ServingError("DEADLINE_EXCEEDED", msg)
 def internal(msg): return ServingError("INTERNAL", msg)
+def unknown(msg): return ServingError("UNKNOWN", msg)
 
 
 def from_exception(exc: BaseException) -> ServingError:

@@ -189,6 +189,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self.core.manager.reload_config(request.config)
         if self._on_reload:
             self._on_reload(request.config)
+        missing = self.core.manager.unavailable_models()
+        if missing:  # TF Serving's ServerCore waits for every configured model, then fails the reload
+            raise errors.unknown(f"Some models did not become available: {{{', '.join(missing)}}}")
         return model_management_pb2.ReloadConfigResponse()  # status left OK (error_code 0)
 
 

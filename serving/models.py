@@ -175,6 +175,10 @@ class ModelManager:
             for model in models.values():
                 self._reconcile(model)
 
+    def unavailable_models(self) -> list[str]:
+        """Names of configured models with no version serving (yet)."""
+        return sorted(name for name, model in self._models.items() if not model.available)
+
     def poll(self):
         """One pass over every model's base path (what the background poller runs)."""
         with self._sync:

@@ -259,6 +259,14 @@ def test_reload_config_adds_and_removes_models(server, models, predict):
     del config.model_config_list.config[-1]
     models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config))
     expect_code(lambda: predict.Predict(predict_request("extra")), grpc.StatusCode.NOT_FOUND)
+    # A model with nothing loadable: the config applies, the reload reports it (TF Serving: UNKNOWN).
+    config.model_config_list.config.add(name="empty", base_path=f"{server.base}/nothing_here",
+                                        model_platform="tensorflow")
+    details = expect_code(lambda: models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(
+        config=config)), grpc.StatusCode.UNKNOWN)
+    assert "Some models did not become available: {empty}" in details
+    del config.model_config_list.config[-1]
+    models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config))
     bad = model_server_config_pb2.ModelServerConfig()
     bad.model_config_list.config.add(name="x", base_path="/tmp/x", model_platform="pytorch")
     expect_code(lambda: models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=bad)),
