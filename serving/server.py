@@ -265,11 +265,21 @@ def _run_binary(binary: str, args) -> int:
         tmp.write(text_format.MessageToString(_zoo_config(args.names)))
         tmp.close()
         args.model_config_file = tmp.name
+    if args.rest_api_port == 0:
+        raise ValueError("--rest_api_port=0 (any free port) means REST off to tensorflow_model_server; "
+                         "give a port, -1 for off, or --backend=python.")
+    if args.host not in ("0.0.0.0", "::"):
+        log.warning("tensorflow_model_server has no --host: it listens on every interface, not only %s "
+                    "(--backend=python binds %s alone).", args.host, args.host)
     for key, value in vars(args).items():
         if key in _OWN_FLAGS or value in ("", None) or (key in ("model_name",) and not args.model_base_path):
             continue
         if key == "rest_api_port" and value < 0:
             value = 0  # the binary's "off"
+        if isinstance(value, float):  # the binary's poll waits are whole seconds (int32 flags)
+            if not value.is_integer():
+                raise ValueError(f"--{key}={value}: tensorflow_model_server takes whole seconds.")
+            value = int(value)
         argv.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")
     log.info("Running %s", " ".join(argv))
     try:
@@ -292,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         if not binary:
             print("error: --backend=binary but tensorflow_model_server is not on PATH", file=sys.stderr)
             return 2
-        return _run_binary(binary, args)
+        try:
+            return _run_binary(binary, args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         server = _server_from_args(args)
         ports = server.start()

@@ -139,6 +139,9 @@ def test_serve_uses_tensorflow_model_server_when_on_path(tmp_path, monkeypatch):
     assert "--model_name=enc" in argv and "--model_base_path=/models/enc" in argv
     assert "--enable_batching=true" in argv and "--port=8500" in argv and "--rest_api_port=8501" in argv
     assert not any(a.startswith(("--host", "--backend")) for a in argv)
+    assert "--file_system_poll_wait_seconds=1" in argv  # whole seconds: the binary's flags are int32
+    # Our "any free port" is the binary's "REST off": refused rather than silently changed.
+    assert server_mod.main(["serve", "--model_base_path=/models/enc", "--rest_api_port=0"]) == 1
 
 
 def test_zoo_serve_names_resolve_through_the_zoo_store(monkeypatch, tmp_path):
