@@ -47,6 +47,9 @@ class ServingCore:
         sig = servable.signature(signature_name)
         if callable(inputs):
             inputs = inputs(sig)
+        duplicates = sorted({alias for alias in output_filter if list(output_filter).count(alias) > 1})
+        if duplicates:
+            raise errors.invalid_argument(f"duplicate output tensor alias: {duplicates[0]}")
         unknown = set(output_filter) - set(sig.outputs)
         if unknown:
             raise errors.invalid_argument(

@@ -135,6 +135,10 @@ def test_bytes_signature_and_output_filter(predict):
     request = predict_request()
     request.output_filter.append("nope")
     expect_code(lambda: predict.Predict(request), grpc.StatusCode.INVALID_ARGUMENT)
+    twice = predict_request()
+    twice.output_filter.extend(["embedding", "embedding"])
+    assert expect_code(lambda: predict.Predict(twice), grpc.StatusCode.INVALID_ARGUMENT) == \
+        "duplicate output tensor alias: embedding"
 
 
 @pytest.mark.parametrize("case, code", [
