@@ -83,6 +83,15 @@ def test_predict_row_and_columnar_formats(call):
     np.testing.assert_allclose(body["outputs"], expected(1), rtol=1e-5, atol=1e-6)
 
 
+def test_float32_outputs_are_written_at_their_shortest_exact_decimal():
+    from serving import rest_json
+
+    values = np.array([[0.2, 1 / 3, -5.5e-8, 123456.79]], np.float32)
+    text = rest_json.dumps(rest_json.format_outputs({"embedding": values}, "row")).decode()
+    assert text == '{"predictions":[[0.2,0.33333334,-5.5e-08,123456.79]]}'  # float64's 0.2 is 0.20000000298...
+    np.testing.assert_array_equal(np.array(json.loads(text)["predictions"], np.float32), values)
+
+
 def test_predict_b64_bytes_with_signature_name(call):
     blobs = [{"b64": base64.b64encode(encode_png(img.astype(np.uint8))).decode()} for img in IMAGES]
     status, body = call("/v1/models/toy:predict", {"signature_name": "embed_bytes", "instances": blobs})
