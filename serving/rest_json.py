@@ -8,8 +8,9 @@ the signature declares.
 
 Classify/regress: {"signature_name": ..., "context": {feature: value(s)}, "examples":
 [{feature: value(s)}, ...]} -> {"results": [[[label, score], ...], ...]} or {"results": [value,
-...]} (the key TF Serving's server sends; its REST guide writes "result"). A feature's kind follows its JSON values: integers and booleans int64_list, other
-numbers float_list, strings and {"b64"} bytes_list.
+...]} (the key TF Serving's server sends; its REST guide writes "result"). A feature's kind
+follows its JSON values: integers and booleans int64_list, other numbers float_list, strings
+and {"b64"} bytes_list.
 """
 
 from __future__ import annotations
