@@ -32,7 +32,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from zoo.images import fit_image
+from zoo.images import decode_image, fit_image
 
 PREFIX = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -102,7 +102,7 @@ def split_files(folder: FolderLayout, split: str) -> list[tuple[str, int]]:
 def _decode(path: str, channels: int) -> np.ndarray:
     try:
         with open(path, "rb") as f:
-            image = tf.io.decode_image(f.read(), channels=channels, expand_animations=False)
+            image = decode_image(f.read(), channels)
     except (tf.errors.OpError, OSError) as error:  # undecodable, truncated, unreadable
         message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", getattr(error, "message", str(error))).strip()
         raise FolderDatasetError(f"{path} is not a readable image ({message}). Remove or replace it.") from error

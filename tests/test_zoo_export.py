@@ -89,3 +89,23 @@ def test_a_frozen_model_is_saved_trainable_and_stays_frozen(tmp_path):
     loaded = keras.saving.load_model(path)
     assert loaded.trainable and len(loaded.trainable_weights) == len(encoder.weights) - sum(
         len(layer.non_trainable_weights) for layer in loaded.layers if isinstance(layer, keras.layers.BatchNormalization))
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "PNG", "JPEG"])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_grey_model_decodes_every_format_it_advertises(fmt, mode):
+    """TF's GIF and BMP decoders refuse channels=1: a grey model's `embed_bytes` must still
+    read them (via RGB), in grey or colour files; PNG and JPEG keep their own grey path."""
+    import io
+
+    from PIL import Image
+
+    from zoo.images import decode_image
+
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # columns 0..240
+    buffer = io.BytesIO()
+    Image.fromarray(grey).convert(mode).save(buffer, format=fmt)
+    decoded = decode_image(tf.constant(buffer.getvalue()), 1).numpy()
+    assert decoded.shape == (16, 16, 1) and decoded.dtype == np.uint8
+    tolerance = 8 if fmt == "JPEG" else 1  # lossy JPEG; RGB -> grey rounding
+    assert np.abs(decoded[..., 0].astype(int) - grey).max() <= tolerance

@@ -30,7 +30,7 @@ import uuid
 import keras
 import tensorflow as tf
 
-from zoo.images import fit_image
+from zoo.images import decode_image, fit_image
 
 SERVING_DEFAULT = "serving_default"
 EMBED_BYTES = "embed_bytes"
@@ -79,7 +79,7 @@ def _decode_images(image_bytes, height, width, channels):
     matches, else scaled to cover and centre-cropped (`zoo.images.fit_image`, as in training)."""
 
     def decode(data):
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = decode_image(data, channels)
         image.set_shape([None, None, channels])
         return fit_image(image, height, width)
 

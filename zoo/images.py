@@ -9,6 +9,21 @@ photos did (scaling without keeping the aspect ratio would stretch it instead).
 import tensorflow as tf
 
 
+def decode_image(data, channels: int):
+    """Encoded bytes (PNG, JPEG, GIF, BMP, WebP) -> uint8 [h, w, channels], the first frame of
+    an animation. TF's GIF and BMP decoders refuse one channel, so a grey model's GIF or BMP is
+    decoded in RGB and converted (PNG and JPEG keep their decoders' own grey conversion)."""
+    if channels != 1:
+        return tf.io.decode_image(data, channels=channels, expand_animations=False)
+    magic = tf.strings.substr(data, 0, 2)
+    via_rgb = tf.logical_or(tf.equal(magic, "GI"), tf.equal(magic, "BM"))
+    image = tf.cond(via_rgb,
+                    lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(data, channels=3, expand_animations=False)),
+                    lambda: tf.io.decode_image(data, channels=1, expand_animations=False))
+    image.set_shape([None, None, 1])
+    return image
+
+
 def fit_image(image, height: int, width: int):
     """[h, w, c] image -> float32 [height, width, c] in the same value range.
 
