@@ -22,6 +22,10 @@ import keras
 import tensorflow as tf
 
 
+class CheckpointError(ValueError):
+    """A run's checkpoints exist but none can be restored."""
+
+
 class EpochCheckpoint:
     """Saves model + optimizer + random-layer state + progress (finished epochs, or steps
     with unit="step"); restores the latest at start.
@@ -44,12 +48,26 @@ class EpochCheckpoint:
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
 
     def restore(self) -> int:
-        """Loads the latest checkpoint, if any; returns the number of finished epochs."""
-        latest = self.manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            print(f"Resuming from {latest} ({self.unit} {int(self.epoch.numpy())} done).", flush=True)
-        return int(self.epoch.numpy())
+        """Loads the latest readable checkpoint, if any; returns the number of finished epochs.
+
+        A damaged one (a truncated or missing file) is reported and the one before it is
+        tried; when none can be read, CheckpointError says so rather than starting over."""
+        damaged = []
+        for path in reversed(self.manager.checkpoints):  # newest first
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as error:  # noqa: BLE001  (TF raises OpError, IndexError... on a damaged file)
+                reason = str(getattr(error, "message", error)).strip().splitlines()[0]
+                damaged.append(f"{path} ({reason})")
+                print(f"Checkpoint {path} cannot be read ({reason}); trying the one before it.", flush=True)
+                continue
+            print(f"Resuming from {path} ({self.unit} {int(self.epoch.numpy())} done).", flush=True)
+            return int(self.epoch.numpy())
+        if damaged:
+            raise CheckpointError(
+                f"No checkpoint in {self.manager.directory} can be read: {'; '.join(damaged)}. Move that folder "
+                "away to train from the start, or put back a good copy.")
+        return 0
 
     def save(self, epoch: int):
         self.epoch.assign(epoch)

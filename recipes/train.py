@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -432,8 +431,8 @@ def write_outputs(chief, model_dir, encoder, run_info, metrics, embedding_head=N
     (then --publish_as)."""
     from zoo.export import save_trainable
 
-    if not chief:  # keep only this worker's final encoder, to check workers agree
-        shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+    if not chief:  # this worker's final encoder, to check workers agree; its checkpoints stay, so a
+        # rerun after the chief failed later resumes every worker at the same epoch
         save_trainable(encoder, os.path.join(model_dir, "encoder.keras"))
         return
     save_trainable(encoder, os.path.join(model_dir, "encoder.keras"))
@@ -647,6 +646,13 @@ def main(argv):
         sys.exit(2)
     except TrainingDiverged as error:
         print(f"ERROR: {error}", file=sys.stderr)
+        sys.exit(3)
+    except ValueError as error:
+        from recipes.checkpointing import CheckpointError
+
+        if not isinstance(error, CheckpointError):
+            raise
+        print(f"ERROR: {error}", file=sys.stderr)  # nothing was trained over the damaged checkpoints
         sys.exit(3)
 
 

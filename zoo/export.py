@@ -204,18 +204,23 @@ def export_saved_model(encoder: keras.Model, export_dir: str, version: int | Non
 
 
 def save_trainable(model: keras.Model, path: str) -> None:
-    """`model.save(path)` with every layer trainable, as the zoo promises its models
+    """`model.save(path)`, atomically, with every layer trainable, as the zoo promises its models
     (`zoo.load`), whatever a recipe froze for training (FixMatch's EMA encoder is updated
     by averaging, not by gradients). Keras records `trainable` in the file; the model's own
     flags are put back after saving."""
     frozen = [layer for layer in model._flatten_layers(include_self=True) if not layer.trainable]
     for layer in frozen:
         layer.trainable = True
+    # Written beside, then renamed: a kill mid-save never leaves a truncated file at `path`.
+    partial = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.keras")
     try:
-        model.save(path)
+        model.save(partial)
+        os.replace(partial, path)
     finally:
         for layer in frozen:
             layer.trainable = False
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def write_keras(encoder: keras.Model, path: str) -> str:
