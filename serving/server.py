@@ -223,6 +223,9 @@ def _zoo_config(names: list[str]):
     for ref in names:
         try:
             name, version = parse_ref(ref)
+            if isinstance(version, str):  # a label: served as the version it names now
+                version = zoo.info(ref)["version"]
+                ref = f"{name}:{version}"
             base_path = str(zoo.serving_base_path(ref))
         except Exception as exc:  # noqa: BLE001  (unknown name, unreachable store: one clear message)
             raise ValueError(f"cannot serve zoo entry {ref!r}: {exc}") from exc

@@ -155,10 +155,12 @@ def test_zoo_serve_names_resolve_through_the_zoo_store(monkeypatch, tmp_path):
         return str(tmp_path / ref.split(":")[0])
 
     monkeypatch.setattr(zoo, "serving_base_path", fake_base_path)
-    config = server_mod._zoo_config(["enc_a", "enc_b:2"])
-    a, b = config.model_config_list.config
+    monkeypatch.setattr(zoo, "info", lambda ref, store=None: {"version": 3})  # enc_c's "stable" is version 3
+    config = server_mod._zoo_config(["enc_a", "enc_b:2", "enc_c:stable"])
+    a, b, c = config.model_config_list.config
     assert (a.name, a.base_path, a.model_version_policy.WhichOneof("policy_choice")) == ("enc_a", str(tmp_path / "enc_a"), None)
     assert (b.name, list(b.model_version_policy.specific.versions)) == ("enc_b", [2])
+    assert (c.name, list(c.model_version_policy.specific.versions)) == ("enc_c", [3])  # not the latest
     with pytest.raises(ValueError, match="missing"):
         server_mod._zoo_config(["missing"])
     assert server_mod.main(["serve", "--backend=python", "missing"]) == 1

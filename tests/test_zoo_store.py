@@ -115,6 +115,8 @@ def test_a_flipped_byte_in_any_file_fails_load_and_verify(published, tmp_path, c
         try:
             with pytest.raises(zoo.ChecksumError, match="(?i)nothing was loaded"):
                 zoo.load("tiny", store=root)
+            with pytest.raises(zoo.ChecksumError, match="not served"):  # `zoo serve tiny` checks too
+                serving_base_path("tiny", store=root)
             capsys.readouterr()
             assert cli.main(["--store", root, "verify"]) == 1
             out = capsys.readouterr().out
@@ -267,3 +269,28 @@ def test_unreachable_http_store_says_what_to_do(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(zoo.StoreUnreachableError, match="Could not reach zoo store .*ZOO_HOME"):
         zoo.load("tiny", store=f"http://127.0.0.1:{port}/zoo")
+
+
+def test_a_download_cut_short_is_a_store_error_not_a_traceback(tmp_path):
+    """The server promises 100 bytes and hangs up after 3: http.client's IncompleteRead."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(zoo.StoreUnreachableError, match="Could not reach zoo store"):
+            HttpStore(f"http://127.0.0.1:{listener.getsockname()[1]}/zoo", cache_dir=str(tmp_path / "cache")).read_index()
+    finally:
+        thread.join(timeout=10)
+        listener.close()

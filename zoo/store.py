@@ -21,6 +21,7 @@ store's index is treated as untrusted input (paths are never taken from it).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -381,7 +382,7 @@ class HttpStore:
             if e.code == 404:
                 raise NotFoundError(f"{url} not found (HTTP 404); is {self.root} a zoo store?") from None
             raise StoreUnreachableError(f"Zoo store {self.root} answered HTTP {e.code} for {url}.") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # IncompleteRead: cut short
             reason = getattr(e, "reason", e)
             cached = os.path.join(self.cache, INDEX_FILENAME)
             offline = (
@@ -474,10 +475,21 @@ def serving_base_path(ref: str, store=None, versions=None) -> str:
     `ref` is "name" or "name:version". For http stores the versions (default all, or the
     one in `ref`) are downloaded and verified into the local cache first; a directory
     store's base path always holds every published version (choose with the server's
-    version policy). This is what `serving` puts into its model config for `zoo serve NAME`.
+    version policy), and the version(s) to serve are verified in place. This is what
+    `serving` puts into its model config for `zoo serve NAME`.
     """
     name, version = parse_ref(ref)
     st = open_store(store)
     index = st.read_index()
     index.versions(name)  # raises NotFoundError with suggestions for unknown names
-    return st.base_path(name, [version] if version is not None else versions)
+    wanted = [version] if version is not None else versions
+    base = st.base_path(name, wanted)
+    # The server reads these files itself: each version it may serve (the named ones, else the
+    # latest, what its default policy loads) is checked against the index first.
+    for number in wanted if wanted is not None else [None]:
+        number, entry = index.resolve(name, number)
+        problems = check_files(_join(base, str(number)), entry["files"])
+        if problems:
+            raise ChecksumError(f"{name}:{number} in {st.root} failed verification, not served: "
+                                f"{'; '.join(problems)}. Republish it or `zoo rm` it.")
+    return base
