@@ -259,6 +259,9 @@ def make_optimizer(name, lr, weight_decay, total_steps, warmup_steps, extra_args
 
     from recipes.optimizers import LARS, SGDL2
 
+    if warmup_steps >= total_steps > 0:
+        raise ValueError(f"The warm-up ({warmup_steps} steps) must end before the run does ({total_steps} steps): "
+                         "lower --warmup_epochs, or the rate would never decay.")
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0 if warmup_steps else lr, max(1, total_steps - warmup_steps),
         warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)

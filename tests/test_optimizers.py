@@ -234,6 +234,8 @@ def test_training_cli_builds_lars_with_extra_arguments_and_names_the_ones_that_d
         make_optimizer("sgd", 0.3, 1e-4, total_steps=100, warmup_steps=0, extra_args={"eta": 0.02})
     with pytest.raises(ValueError, match="Unknown optimizer"):
         make_optimizer("lamb", 0.3, 1e-4, total_steps=100, warmup_steps=0)
+    with pytest.raises(ValueError, match="lower --warmup_epochs"):  # a warm-up as long as the run
+        make_optimizer("lars", 0.3, 1e-4, total_steps=100, warmup_steps=100)
 
 
 def test_lars_is_the_same_on_one_device_and_on_two_replicas():
