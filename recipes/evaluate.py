@@ -89,7 +89,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     predicted = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
     accuracy = float(np.mean(predicted == np.asarray(test_labels)))
     return {"accuracy": accuracy,
-            "protocol": {"method": "weighted_knn", "k": int(k), "temperature": float(temperature),
+            "protocol": {"method": "weighted_knn", "k": int(min(k, len(train_features))),  # the k used
+                         "temperature": float(temperature),
                          "features": "l2-normalized pooled encoder output",
                          "train_size": int(len(train_features)), "test_size": int(len(test_features)),
                          **(protocol or {})}}

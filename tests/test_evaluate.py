@@ -42,6 +42,8 @@ def test_knn_accuracy_carries_protocol_and_separates_clusters():
     assert result["accuracy"] > 0.95
     assert result["protocol"]["k"] == 200 and result["protocol"]["temperature"] == 0.1
     assert result["protocol"]["dataset"] == "toy"
+    small = evaluate.knn_accuracy(features[:50], labels[:50], features[300:], labels[300:], 3)
+    assert small["protocol"]["k"] == 50  # a memory smaller than k: the protocol says the k used
 
 
 def test_linear_probe_learns_linearly_separable_classes_and_not_noise():
