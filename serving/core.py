@@ -6,6 +6,8 @@ gRPC and REST differ only in how tensors are encoded; everything that decides an
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from serving import errors
@@ -47,7 +49,7 @@ class ServingCore:
         sig = servable.signature(signature_name)
         if callable(inputs):
             inputs = inputs(sig)
-        duplicates = sorted({alias for alias in output_filter if list(output_filter).count(alias) > 1})
+        duplicates = sorted(alias for alias, n in collections.Counter(output_filter).items() if n > 1)
         if duplicates:
             raise errors.invalid_argument(f"duplicate output tensor alias: {duplicates[0]}")
         unknown = set(output_filter) - set(sig.outputs)

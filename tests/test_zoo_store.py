@@ -250,6 +250,13 @@ def test_http_store_downloads_verifies_and_caches(http_root, encoder, images, tm
     with pytest.raises(zoo.ReadOnlyStoreError, match="read-only"):
         zoo.publish(name="other", encoder=encoder, store=url)
 
+    # A damaged cache is noticed and mended from the server: the cache is not trusted blindly.
+    cached = os.path.join(base, "1", "saved_model.pb")
+    original = open(cached, "rb").read()
+    open(cached, "wb").write(b"damaged")
+    zoo.load("tiny", store=store)
+    assert open(cached, "rb").read() == original
+
     # Tampering on the server is caught for files not yet cached (fresh cache).
     path = os.path.join(served, "models", "tiny", "1", "encoder.keras")
     data = bytearray(open(path, "rb").read())

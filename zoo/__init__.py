@@ -30,7 +30,7 @@ from zoo.errors import (  # noqa: F401  (re-exported API)
     ZooError,
 )
 from zoo.index import parse_ref, validate_label, validate_name
-from zoo.store import check_files, open_store, read_verified, serving_base_path  # noqa: F401
+from zoo.store import check_files, open_store, read_verified, serving_base_path, verified_dir  # noqa: F401
 
 __all__ = [
     "load", "load_classifier", "list_models", "info", "publish", "embed", "remove", "verify", "set_label",
@@ -47,17 +47,6 @@ def _resolve(ref, version, store):
     name, version = parse_ref(ref, version)
     number, entry = st.read_index().resolve(name, version)
     return st, name, number, entry
-
-
-def _verified_dir(st, name, number, entry, skip=()):
-    directory = st.fetch(name, number, entry)
-    problems = check_files(directory, {k: v for k, v in entry["files"].items() if k not in skip})
-    if problems:
-        raise ChecksumError(
-            f"{name}:{number} in {st.root} failed verification, nothing was loaded: {'; '.join(problems)}. "
-            "Republish the model or `zoo rm` it (for an http store, delete its cache and retry)."
-        )
-    return directory
 
 
 def load(name: str, version: int | str | None = None, store=None, compile: bool = False):
@@ -95,7 +84,7 @@ def _load_keras_file(name, version, store, compile, filename):
         hint = ("republish it" if filename == KERAS_FILENAME
                 else "it was published without a classifier (only label-trained runs have one)")
         raise ArtifactError(f"{name}:{number} has no {filename} in the index; {hint}.")
-    directory = _verified_dir(st, name, number, entry, skip=(filename,))
+    directory = verified_dir(st, name, number, entry, "nothing was loaded", skip=(filename,))
     # Load the very bytes that were hashed, so the file cannot change between check and use.
     data = read_verified(directory, filename, entry["files"][filename])
     with tempfile.TemporaryDirectory() as tmp:

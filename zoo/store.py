@@ -113,6 +113,22 @@ def check_files(directory: str, files: dict[str, dict]) -> list[str]:
     return problems
 
 
+def verified_dir(st, name: str, number: int, entry: dict, outcome: str, skip=()) -> str:
+    """The store's directory of `name:number`, once its files (but `skip`) match the index.
+
+    Raises ChecksumError saying `outcome` ("nothing was loaded", "not served"). An http store
+    checks what it fetches itself (it re-downloads a damaged cache), so it is not hashed twice.
+    """
+    directory = st.fetch(name, number, entry)
+    if st.fetch_verifies:
+        return directory
+    problems = check_files(directory, {k: v for k, v in entry["files"].items() if k not in skip})
+    if problems:
+        raise ChecksumError(f"{name}:{number} in {st.root} failed verification, {outcome}: "
+                            f"{'; '.join(problems)}. Republish it or `zoo rm` it.")
+    return directory
+
+
 def read_verified(directory: str, relpath: str, expected: dict) -> bytes:
     """The file's bytes, only if they hash to `expected` (read once: what is checked is what is used)."""
     path = _join(directory, safe_relpath(relpath))
@@ -236,6 +252,7 @@ class DirStore:
     """A store in a directory: a local path, `file://...` or any `tf.io.gfile` URI (gs://, s3://, ...)."""
 
     read_only = False
+    fetch_verifies = False  # its files are read in place: `verified_dir` hashes them
 
     def __init__(self, root: str):
         if _is_local(root):
@@ -357,6 +374,7 @@ class HttpStore:
     """
 
     read_only = True
+    fetch_verifies = True  # `fetch` hashes the cache and each download against the index
 
     def __init__(self, url: str, cache_dir: str | None = None, timeout: float = 30.0):
         self.root = url.rstrip("/")
@@ -486,10 +504,8 @@ def serving_base_path(ref: str, store=None, versions=None) -> str:
     base = st.base_path(name, wanted)
     # The server reads these files itself: each version it may serve (the named ones, else the
     # latest, what its default policy loads) is checked against the index first.
-    for number in wanted if wanted is not None else [None]:
-        number, entry = index.resolve(name, number)
-        problems = check_files(_join(base, str(number)), entry["files"])
-        if problems:
-            raise ChecksumError(f"{name}:{number} in {st.root} failed verification, not served: "
-                                f"{'; '.join(problems)}. Republish it or `zoo rm` it.")
+    # An http store's base_path has just fetched, so verified, them.
+    if not st.fetch_verifies:
+        for number in wanted if wanted is not None else [None]:
+            verified_dir(st, name, *index.resolve(name, number), outcome="not served")
     return base
