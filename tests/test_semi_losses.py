@@ -84,6 +84,9 @@ def test_align_distribution_by_hand():
     # An explicit target: p(y) = (0.5, 0.25, 0.25) on a model predicting uniformly.
     aligned = align_distribution([[1 / 3, 1 / 3, 1 / 3]], [1 / 3, 1 / 3, 1 / 3], target=[0.5, 0.25, 0.25])
     np.testing.assert_allclose(aligned.numpy()[0], [0.5, 0.25, 0.25], rtol=1e-6)
+    # A class never predicted (its softmax underflowed to 0) stays at 0 instead of turning rows into NaN.
+    aligned = align_distribution([[0.0, 0.5, 0.5]], [0.0, 0.5, 0.5]).numpy()
+    np.testing.assert_allclose(aligned[0], [0.0, 0.5, 0.5], rtol=1e-6)
 
 
 def test_fixmatch_unlabelled_loss_with_alignment_matches_numpy():

@@ -84,7 +84,8 @@ def align_distribution(probabilities, prediction_mean, target=None):
       [B, K] aligned probabilities (rows sum to 1).
     """
     probabilities = tf.convert_to_tensor(probabilities)
-    prediction_mean = tf.cast(prediction_mean, probabilities.dtype)
+    # Floored: a class whose softmax underflowed to 0 in every recent batch would make 0 * inf = NaN.
+    prediction_mean = tf.maximum(tf.cast(prediction_mean, probabilities.dtype), 1e-12)
     ratio = (1.0 if target is None else tf.cast(target, probabilities.dtype)) / prediction_mean
     aligned = probabilities * ratio
     return aligned / tf.reduce_sum(aligned, axis=-1, keepdims=True)
