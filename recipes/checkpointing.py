@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import keras
 import tensorflow as tf
@@ -46,6 +47,7 @@ class EpochCheckpoint:
             parts["random_state"] = seed_states
         self.checkpoint = tf.train.Checkpoint(**parts)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+        self.notes = {}  # JSON-able facts of the run so far (wall time, logs), saved with each checkpoint
 
     def restore(self) -> int:
         """Loads the latest readable checkpoint, if any; returns the number of finished epochs.
@@ -62,6 +64,7 @@ class EpochCheckpoint:
                 print(f"Checkpoint {path} cannot be read ({reason}); trying the one before it.", flush=True)
                 continue
             print(f"Resuming from {path} ({self.unit} {int(self.epoch.numpy())} done).", flush=True)
+            self.notes = self._read_notes().get(str(int(self.epoch.numpy())), {})
             return int(self.epoch.numpy())
         if damaged:
             raise CheckpointError(
@@ -69,9 +72,28 @@ class EpochCheckpoint:
                 "away to train from the start, or put back a good copy.")
         return 0
 
-    def save(self, epoch: int):
+    def save(self, epoch: int, notes: dict | None = None):
+        """Saves the checkpoint `epoch`; `notes` go with it and come back as `.notes` on restore."""
         self.epoch.assign(epoch)
+        self.notes = dict(notes or {})
+        # Notes first: a crash in between leaves notes of a checkpoint that does not exist (never read).
+        kept = self._read_notes()
+        kept[str(epoch)] = self.notes
+        os.makedirs(self.manager.directory, exist_ok=True)
+        write_json(self._notes_path(), kept)
         self.manager.save(checkpoint_number=epoch)
+        numbers = {path.rsplit("-", 1)[-1] for path in self.manager.checkpoints}
+        write_json(self._notes_path(), {k: v for k, v in kept.items() if k in numbers})
+
+    def _notes_path(self):
+        return os.path.join(self.manager.directory, "notes.json")
+
+    def _read_notes(self) -> dict:
+        try:
+            with open(self._notes_path()) as f:
+                return json.load(f)
+        except (OSError, ValueError):  # none yet, or checkpoints from before notes existed
+            return {}
 
 
 def build_optimizer(model):
@@ -93,14 +115,23 @@ def resume(model, directory, unit="epoch") -> tuple[EpochCheckpoint, int]:
 
 
 class SaveEveryEpoch(keras.callbacks.Callback):
-    """Keras callback: `checkpoint.save(epoch)` after every finished epoch."""
+    """Keras callback: `checkpoint.save(epoch)` after every finished epoch, noting the wall time
+    of all sessions of the run so far and whatever `notes()` returns."""
 
-    def __init__(self, checkpoint: EpochCheckpoint):
+    def __init__(self, checkpoint: EpochCheckpoint, notes=None):
         super().__init__()
-        self.checkpoint = checkpoint
+        self.checkpoint, self.notes = checkpoint, notes
+        self.started = None
+
+    def on_train_begin(self, logs=None):
+        self.started = time.time() - self.checkpoint.notes.get("wall_time_s", 0.0)
+
+    @property
+    def wall_time_s(self) -> float:
+        return round(time.time() - self.started, 2)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.checkpoint.save(epoch + 1)
+        self.checkpoint.save(epoch + 1, {"wall_time_s": self.wall_time_s, **(self.notes() if self.notes else {})})
 
 
 class SaveEverySteps(keras.callbacks.Callback):

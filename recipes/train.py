@@ -477,7 +477,9 @@ def train_label_recipe(new_encoder, student_encoder_fn, strategy, chief, model_d
     class_names = data.info(FLAGS.dataset, FLAGS.image_size, FLAGS.channels).class_names[:classifier.output_shape[-1]]
     run_info = {**run_facts(strategy, train[0]), "recipe_config": model.get_config(),
                 "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps,
-                "wall_time_s": round(wall, 2), "images_per_sec": None, "class_names": list(class_names)}
+                # FixMatch counts the sessions before a resume too; the others, this session.
+                "wall_time_s": metrics.pop("wall_time_s", round(wall, 2)), "images_per_sec": None,
+                "class_names": list(class_names)}
     write_outputs(chief, model_dir, encoder, run_info, metrics, classifier=classifier)
     print(f"{FLAGS.recipe}: test accuracy {metrics['classifier']['accuracy']:.4f} "
           f"({metrics['classifier']['protocol']['labelled']} labels); encoder kNN {metrics['knn']['accuracy']:.4f}")

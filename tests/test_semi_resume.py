@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from recipes import checkpointing
-from recipes.semi import self_training
+from recipes.semi import fixmatch, self_training
 from recipes.semi.finetune import FineTune, fit_classifier
 from recipes.semi.fixmatch import run_fixmatch
 from recipes.semi.noisy_student import run_noisy_student
@@ -63,6 +63,28 @@ def test_fixmatch_resumes_after_the_last_epoch_and_ends_like_an_uninterrupted_ru
     for got, expected in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert "mask_rate" in metrics
+
+
+def test_fixmatch_resume_keeps_earlier_test_accuracies_and_wall_time(monkeypatch, tmp_path):
+    def run():
+        keras.utils.set_random_seed(0)
+        labelled, (unlabelled, _), test = _shapes(12, seed=1), _shapes(24, seed=2), _shapes(30, seed=3)
+        return run_fixmatch(small_encoder(), 3, labelled, unlabelled, test, steps=6, log_every=2, test_every=1,
+                            batch_size=4, mu=2, threshold=0.3, checkpoint_dir=str(tmp_path))
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(checkpointing.time, "time", lambda: clock["now"])
+
+    def tick_then_log(self, *args, original=fixmatch.LogTestAccuracy.on_epoch_end):
+        clock["now"] += 10.0  # each epoch "takes" 10 s (this callback runs before the checkpoint's)
+        original(self, *args)
+
+    monkeypatch.setattr(fixmatch.LogTestAccuracy, "on_epoch_end", tick_then_log)
+    _run_until_crash(monkeypatch, run, checkpointing.EpochCheckpoint, calls=2)
+    clock["now"] += 3600.0  # time between sessions is not training time
+    _, metrics = run()
+    assert [step for step, _ in metrics["test_accuracy_by_step"]] == [2, 4, 6]  # the first two from session one
+    assert metrics["wall_time_s"] == 30.0
 
 
 def _pseudo_label(checkpoint_dir):

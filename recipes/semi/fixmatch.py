@@ -303,10 +303,10 @@ class LogTestAccuracy(keras.callbacks.Callback):
     """Adds the EMA model's test accuracy to the logs every `every` epochs and at the end,
     so the history shows whether longer training would still help."""
 
-    def __init__(self, test, every):
+    def __init__(self, test, every, rows=()):
         super().__init__()
         self.test, self.every = test, int(every)
-        self.rows = []  # (optimizer step, test accuracy)
+        self.rows = [tuple(row) for row in rows]  # (optimizer step, test accuracy), earlier sessions' first
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0 or epoch + 1 == self.params.get("epochs"):
@@ -342,13 +342,20 @@ def run_fixmatch(encoder, num_classes, labelled, unlabelled_images, test=None, *
         checkpoint, done_epochs = resume(model, checkpoint_dir) if checkpoint_dir else (None, 0)
     ds = fixmatch_dataset(labelled[0], labelled[1], unlabelled_images, batch_size, model.mu, seed,
                           unlabelled_labels=heldout_unlabelled_labels)
-    test_log = LogTestAccuracy(test, test_every) if test is not None else None
-    callbacks = [c for c in (test_log, SaveEveryEpoch(checkpoint) if checkpoint else None) if c]
+    # A resumed run keeps the earlier sessions' test accuracies and wall time (the checkpoint's notes).
+    earlier = checkpoint.notes if checkpoint else {}
+    test_log = LogTestAccuracy(test, test_every, earlier.get("test_accuracy_by_step", ())) if test is not None \
+        else None
+    saver = SaveEveryEpoch(checkpoint, lambda: {"test_accuracy_by_step": test_log.rows if test_log else []}) \
+        if checkpoint else None
+    callbacks = [c for c in (test_log, saver) if c]
     history = model.fit(ds.skip(done_epochs * log_every), epochs=steps // log_every, initial_epoch=done_epochs,
                         steps_per_epoch=log_every, callbacks=callbacks, verbose=verbose).history
     metrics = {"protocol": {"labelled": int(len(labelled[1])), "unlabelled": int(len(unlabelled_images)),
                             "steps": steps, "batch_size": batch_size, "mu": model.mu, "seed": seed},
                **{name: float(values[-1]) for name, values in history.items() if values}}
+    if saver:
+        metrics["wall_time_s"] = saver.wall_time_s  # every session's, when resumed
     if test is not None:
         metrics["test_accuracy"] = model.accuracy(*test)
         metrics["test_accuracy_by_step"] = test_log.rows
