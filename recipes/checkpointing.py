@@ -29,7 +29,8 @@ class CheckpointError(ValueError):
 
 class EpochCheckpoint:
     """Saves model + optimizer + random-layer state + progress (finished epochs, or steps
-    with unit="step"); restores the latest at start.
+    with unit="step"), and beside them JSON notes of the run so far (`notes.json`); restores
+    the latest at start.
 
     The model's and optimizer's variables must exist before `restore` (build the
     optimizer first), so every value is restored at once rather than deferred.
