@@ -20,6 +20,7 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -169,7 +170,10 @@ def parse_hparams(text: str) -> dict:
     return result
 
 
+@functools.cache
 def git_commit() -> str:
+    """HEAD when first asked, which `train` does as it starts: the code a long run imported,
+    not whatever was checked out by the time it finished."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -491,6 +495,7 @@ def train(argv=None) -> dict:
     models are built and trained, and is restored on return."""
     from recipes import precision
 
+    git_commit()  # the commit is taken now; run.json is written hours later
     with precision.global_policy(FLAGS.precision):
         return _train(argv)
 

@@ -405,3 +405,19 @@ def test_sela_runs_its_label_step_from_the_cli(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "run.json").read_text())["recipe_config"]
     assert (config["num_label_updates"], config["total_steps"], config["num_clusters"]) == (2, 4, 8)
+
+
+def test_the_recorded_commit_is_the_one_the_run_started_from(monkeypatch):
+    # A run of hours outlives commits made beside it; run.json names the code it imported.
+    from types import SimpleNamespace
+
+    from recipes import train as train_module
+
+    heads = iter(["started_at", "checked_out_later"])
+    train_module.git_commit.cache_clear()
+    try:
+        monkeypatch.setattr(train_module.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=next(heads)))
+        assert train_module.git_commit() == "started_at"
+        assert train_module.git_commit() == "started_at"
+    finally:
+        train_module.git_commit.cache_clear()
