@@ -350,10 +350,8 @@ def _callbacks(recipe, checkpoint, model_dir, knn_data, num_classes, timing):
             timing["epoch_seconds"].append(time.time() - timing["epoch_start"])
             timing["epoch"] = epoch + 1
             if self.diverged_at is None:
-                # Times first: a kill between the two writes then leaves one time too many (a
-                # resume reads only as many as it has checkpointed epochs), never one too few.
-                save_epoch_seconds(model_dir, timing["epoch_seconds"])
-                checkpoint.save(epoch + 1)
+                # The epoch times go with the checkpoint (its notes), so a resumed run still knows them.
+                checkpoint.save(epoch + 1, {"epoch_seconds": [round(s, 2) for s in timing["epoch_seconds"]]})
 
     guard = Guard()
     callbacks = [guard]
@@ -372,28 +370,6 @@ def _read_json(path) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
-
-
-def _epoch_seconds_path(model_dir):
-    return os.path.join(model_dir, "checkpoints", "epoch_seconds.json")
-
-
-def save_epoch_seconds(model_dir, epoch_seconds):
-    """Written beside each checkpoint, so a resumed run still knows how long its earlier epochs took."""
-    from recipes.checkpointing import write_json
-
-    path = _epoch_seconds_path(model_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json(path, [round(s, 2) for s in epoch_seconds], indent=None)
-
-
-def load_epoch_seconds(model_dir, epochs_done) -> list:
-    """Durations of the epochs before the checkpoint being resumed (fewer for runs older than the record)."""
-    path = _epoch_seconds_path(model_dir)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [float(s) for s in json.load(f)][:epochs_done]
 
 
 def backbone_norm() -> str:
@@ -593,7 +569,8 @@ def _train(argv=None) -> dict:
 
     run_info = {**run_facts(strategy, train_images), "recipe_config": recipe.get_config(),
                 "embedding_dim": int(encoder.output_shape[-1]), "steps_per_epoch": steps}
-    timing = {"epoch_seconds": load_epoch_seconds(model_dir, initial_epoch), "epoch": initial_epoch,
+    # Fewer than initial_epoch for runs checkpointed before epoch times were noted.
+    timing = {"epoch_seconds": checkpoint.notes.get("epoch_seconds", []), "epoch": initial_epoch,
               "epoch_start": time.time()}
     previous_run = _read_json(os.path.join(model_dir, "run.json"))
     knn_data = None
