@@ -513,8 +513,10 @@ def _train(argv=None) -> dict:
             zoo.info(FLAGS.init_from, store=FLAGS.zoo_store)  # an unknown name or version fails here
         if FLAGS.publish_as:
             from zoo.index import validate_name
+            from zoo.store import open_store
 
             validate_name(FLAGS.publish_as)  # not after hours of training
+            open_store(FLAGS.zoo_store).require_writable()  # an http(s) store is read-only
 
     strategy = distribute.make_strategy(FLAGS.strategy)
     chief = distribute.is_chief()

@@ -302,6 +302,8 @@ def test_noisy_student_trains_wider_students_with_student_width(data_dir, tmp_pa
                                          (["--labels_per_class=5", "--init_from=no_such_encoder"],
                                           "No model named 'no_such_encoder'"),
                                          (["--labels_per_class=5", "--publish_as=My Model"], "Invalid model name"),
+                                         (["--labels_per_class=5", "--publish_as=mine",
+                                           "--zoo_store=http://127.0.0.1:9/zoo"], "read-only"),
                                          (["--labels_per_class=5", "--hparams=dropuot=0.1"], "dropuot"),
                                          (["--labels_per_class=5", "--lr=0.1", "--weight_decay=0"],
                                           "--lr, --weight_decay: not used by finetune")])
