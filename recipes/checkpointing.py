@@ -23,6 +23,9 @@ import keras
 import tensorflow as tf
 
 
+NOTES_FILE = "notes.json"  # beside the checkpoints: JSON notes of each kept checkpoint
+
+
 class CheckpointError(ValueError):
     """A run's checkpoints exist but none can be restored."""
 
@@ -87,11 +90,15 @@ class EpochCheckpoint:
         write_json(self._notes_path(), {k: v for k, v in kept.items() if k in numbers})
 
     def _notes_path(self):
-        return os.path.join(self.manager.directory, "notes.json")
+        return os.path.join(self.manager.directory, NOTES_FILE)
 
     def _read_notes(self) -> dict:
+        return self._read_notes_in(self.manager.directory)
+
+    @staticmethod
+    def _read_notes_in(directory) -> dict:
         try:
-            with open(self._notes_path()) as f:
+            with open(os.path.join(directory, NOTES_FILE)) as f:
                 return json.load(f)
         except (OSError, ValueError):  # none yet, or checkpoints from before notes existed
             return {}
@@ -115,13 +122,21 @@ def resume(model, directory, unit="epoch") -> tuple[EpochCheckpoint, int]:
         return checkpoint, checkpoint.restore()
 
 
-class SaveEveryEpoch(keras.callbacks.Callback):
-    """Keras callback: `checkpoint.save(epoch)` after every finished epoch, noting the wall time
-    of all sessions of the run so far and whatever `notes()` returns."""
+def noted_wall_time(directory) -> float | None:
+    """The training time of all sessions that the newest checkpoint in `directory` noted
+    (SaveEveryEpoch, SaveEverySteps), or None if there is none."""
+    notes = EpochCheckpoint._read_notes_in(directory)
+    newest = max(notes, key=int, default=None)
+    return None if newest is None else notes[newest].get("wall_time_s")
 
-    def __init__(self, checkpoint: EpochCheckpoint, notes=None):
+
+class _TimedSaver(keras.callbacks.Callback):
+    """A saving callback that keeps the wall time of all sessions: the restored checkpoint's
+    note plus this session's."""
+
+    def __init__(self, checkpoint: EpochCheckpoint):
         super().__init__()
-        self.checkpoint, self.notes = checkpoint, notes
+        self.checkpoint = checkpoint
         self.started = None
 
     def on_train_begin(self, logs=None):
@@ -131,33 +146,46 @@ class SaveEveryEpoch(keras.callbacks.Callback):
     def wall_time_s(self) -> float:
         return round(time.time() - self.started, 2)
 
+
+class SaveEveryEpoch(_TimedSaver):
+    """Keras callback: `checkpoint.save(epoch)` after every finished epoch, noting the wall time
+    of all sessions of the run so far and whatever `notes()` returns."""
+
+    def __init__(self, checkpoint: EpochCheckpoint, notes=None):
+        super().__init__(checkpoint)
+        self.notes = notes
+
     def on_epoch_end(self, epoch, logs=None):
         self.checkpoint.save(epoch + 1, {"wall_time_s": self.wall_time_s, **(self.notes() if self.notes else {})})
 
 
-class SaveEverySteps(keras.callbacks.Callback):
+class SaveEverySteps(_TimedSaver):
     """Keras callback: `checkpoint.save(steps)` every `every` optimizer steps and at the end
-    of training, for runs too long to lose whole (one epoch of thousands of steps).
+    of training, for runs too long to lose whole (one epoch of thousands of steps); each save
+    notes the wall time of all sessions so far.
 
     Steps are the model's optimizer's, so the optimizer must be fresh when the run starts.
     """
 
     def __init__(self, checkpoint: EpochCheckpoint, every: int):
-        super().__init__()
+        super().__init__(checkpoint)
         if int(every) < 1:
             raise ValueError(f"every must be >= 1 step, got {every!r}.")
-        self.checkpoint, self.every = checkpoint, int(every)
+        self.every = int(every)
 
     def _steps(self):
         return int(self.model.optimizer.iterations.numpy())
 
+    def _save(self):
+        self.checkpoint.save(self._steps(), {"wall_time_s": self.wall_time_s})
+
     def on_train_batch_end(self, batch, logs=None):
         if self._steps() % self.every == 0:
-            self.checkpoint.save(self._steps())
+            self._save()
 
     def on_train_end(self, logs=None):
         if self._steps() % self.every:
-            self.checkpoint.save(self._steps())
+            self._save()
 
 
 class RoundCheckpoint:

@@ -150,6 +150,26 @@ def test_self_training_resumes_inside_a_round_and_ends_like_an_uninterrupted_run
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_self_training_rounds_count_the_training_time_of_every_session(monkeypatch, tmp_path):
+    monkeypatch.setattr(self_training, "SAVE_EVERY_STEPS", 5)
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(checkpointing.time, "time", lambda: clock["now"])
+
+    def tick_then_save(self, batch, logs=None, original=checkpointing.SaveEverySteps.on_train_batch_end):
+        clock["now"] += 1.0  # each step "takes" 1 s
+        original(self, batch, logs)
+
+    monkeypatch.setattr(checkpointing.SaveEverySteps, "on_train_batch_end", tick_then_save)
+    _, reference = _pseudo_label(str(tmp_path / "reference"))
+    # The round-1 student crashes at its step 10 (saves: teacher 5-20, student 5, 10).
+    _run_until_crash(monkeypatch, lambda: _pseudo_label(str(tmp_path / "interrupted")),
+                     checkpointing.EpochCheckpoint, calls=6)
+    clock["now"] += 3600.0  # time between sessions is not training time
+    _, resumed = _pseudo_label(str(tmp_path / "interrupted"))
+    assert reference[0]["train_wall_time_s"] == 20.0  # the teacher's 20 steps
+    assert [row["train_wall_time_s"] for row in resumed] == [row["train_wall_time_s"] for row in reference]
+
+
 def test_fit_classifier_refuses_checkpointing_with_a_trained_optimizer(tmp_path):
     model = FineTune(_tiny_encoder(), 3, augment="none")
     images, labels = _shapes(12, seed=1)

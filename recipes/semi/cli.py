@@ -116,6 +116,9 @@ def train_with_labels(recipe, encoder_fn, train, test, *, student_encoder_fn=Non
                             heldout_unlabelled_labels=train_y[unlabelled_idx], checkpoint_dir=checkpoint_dir,
                             **common, **hparams)
         metrics = {"rounds": rounds, "test_accuracy": rounds[-1].get("test_accuracy")}
+        seconds = [row.get("train_wall_time_s") for row in rounds]
+        if None not in seconds:  # every round timed (rounds finished before timing existed are not)
+            metrics["wall_time_s"] = round(sum(seconds), 2)
     else:
         raise ValueError(f"{recipe!r} is not a label-using recipe ({', '.join(LABEL_RECIPES)}).")
     protocol = {"method": "classifier test accuracy", "dataset_split": "test", "labelled": int(len(labelled_idx)),

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from recipes.base import Recipe, register
-from recipes.checkpointing import SaveEverySteps, build_optimizer, resume
+from recipes.checkpointing import SaveEverySteps, build_optimizer, noted_wall_time, resume
 from recipes.semi.losses import soft_cross_entropy
 from recipes.semi.randaugment import StrongPolicy, strong_view, weak_view
 
@@ -256,6 +256,8 @@ def run_finetune(encoder, num_classes, images, labels, test=None, *, epochs=30, 
     metrics = {"protocol": {"labelled": int(len(labels)), "epochs": epochs, "steps": steps,
                             "batch_size": batch_size, "seed": seed},
                "train_loss": last_loss(history)}
+    if checkpoint_dir:  # every session's training time, not only this one's
+        metrics["wall_time_s"] = noted_wall_time(checkpoint_dir)
     if test is not None:
         metrics["test_accuracy"] = model.accuracy(*test)
     return model, metrics

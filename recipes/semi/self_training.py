@@ -21,10 +21,12 @@ Python function so the CLI can call it directly (`--recipe=pseudo_label` or
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import tensorflow as tf
 
-from recipes.checkpointing import RoundCheckpoint
+from recipes.checkpointing import RoundCheckpoint, noted_wall_time
 from recipes.semi.finetune import classifier_dataset, default_optimizer, fit_classifier, last_loss
 from recipes.semi.losses import select_pseudo_labels
 
@@ -201,6 +203,15 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
     def progress_dir(round_index):
         return checkpoint.progress_dir(round_index) if checkpoint else None
 
+    def timed_fit(model, round_index, **data):
+        """fit_classifier, checkpointed per round; returns (history, training seconds of every
+        session of this round: a resumed round counts the time noted before the interruption)."""
+        started = time.time()
+        history = fit_classifier(model, batch_size=batch_size, verbose=verbose, save_every=SAVE_EVERY_STEPS,
+                                 checkpoint_dir=progress_dir(round_index), **data)
+        seconds = noted_wall_time(progress_dir(round_index)) if checkpoint else None
+        return history, round(time.time() - started if seconds is None else seconds, 2)
+
     metrics = checkpoint.finished_rows() if checkpoint else []
     if metrics:  # resuming: the last finished round's model is the teacher
         teacher = build(len(metrics) - 1)
@@ -208,10 +219,9 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
     else:
         if teacher is None:
             teacher = build(0)
-            history = fit_classifier(teacher, images_l, labels=labels_l, epochs=epochs, batch_size=batch_size,
-                                     steps=steps, seed=seed, verbose=verbose, checkpoint_dir=progress_dir(0),
-                                     save_every=SAVE_EVERY_STEPS)
-            metrics.append(evaluate(teacher, 0, train_loss=last_loss(history)))
+            history, seconds = timed_fit(teacher, 0, images=images_l, labels=labels_l, epochs=epochs, steps=steps,
+                                         seed=seed)
+            metrics.append(evaluate(teacher, 0, train_loss=last_loss(history), train_wall_time_s=seconds))
         else:
             metrics.append(evaluate(teacher, 0))
         if checkpoint:
@@ -236,10 +246,11 @@ def run_self_training(make_model, labelled, unlabelled_images, test=None, *, epo
         student_epochs, student_steps = student.student_budget(epochs, steps)
         dataset = student.student_dataset(images_l, labels_l, unlabelled_images[chosen], pseudo_targets,
                                           batch_size, seed=seed + round_index)
-        history = fit_classifier(student, dataset=dataset, num_examples=len(labels_l) + len(chosen),
-                                 epochs=student_epochs, batch_size=batch_size, steps=student_steps, verbose=verbose,
-                                 checkpoint_dir=progress_dir(round_index), save_every=SAVE_EVERY_STEPS)
-        metrics.append(evaluate(student, round_index, train_loss=last_loss(history), **row))
+        history, seconds = timed_fit(student, round_index, dataset=dataset,
+                                     num_examples=len(labels_l) + len(chosen), epochs=student_epochs,
+                                     steps=student_steps)
+        metrics.append(evaluate(student, round_index, train_loss=last_loss(history), train_wall_time_s=seconds,
+                                **row))
         if checkpoint:
             checkpoint.save(student, metrics)
         teacher = student
