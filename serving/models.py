@@ -150,30 +150,29 @@ class ModelManager:
     def reload_config(self, config):
         """Switches to a new ModelServerConfig; returns once its versions are loaded (or failed).
 
-        Models no longer listed are unloaded; new ones loaded; policy/label changes apply.
+        Models no longer listed are unloaded; new ones loaded; policy/label changes apply. A
+        model whose base_path changed keeps serving from the old path while the new path's
+        versions load, then requests switch to them (availability-preserving, as new versions).
         """
         validate_config(config)
         with self._sync:
-            wanted = {m.name: m for m in config.model_config_list.config}
-            models = dict(self._models)
-            for name in list(models):
-                if name not in wanted:
-                    self._unload_all(models.pop(name))
-            for name, model_config in wanted.items():
-                if name in models:
-                    if models[name].config.base_path != model_config.base_path:
-                        self._unload_all(models[name])
-                        models[name] = _Model(model_config)
-                    else:
-                        models[name].config = model_config
-                        for st in models[name].status.values():
-                            st.attempts = 0  # a reload grants failed versions new attempts
+            models, retired = {}, []
+            for model_config in config.model_config_list.config:
+                current = self._models.get(model_config.name)
+                if current is not None and current.config.base_path == model_config.base_path:
+                    current.config = model_config
+                    for st in current.status.values():
+                        st.attempts = 0  # a reload grants failed versions new attempts
+                    models[model_config.name] = current
                 else:
-                    models[name] = _Model(model_config)
-            self._models = models
-            self._config = config
-            for model in models.values():
+                    models[model_config.name] = _Model(model_config)
+                    retired += [current] if current is not None else []
+            retired += [model for name, model in self._models.items() if name not in models]
+            for model in models.values():  # loads while the current models keep answering
                 self._reconcile(model)
+            self._models, self._config = models, config  # the switch
+            for model in retired:
+                self._unload_all(model)
 
     def unavailable_models(self) -> list[str]:
         """Names of configured models with no version serving (yet)."""

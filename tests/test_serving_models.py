@@ -103,6 +103,28 @@ def test_unloadable_new_version_leaves_old_serving_and_is_reported(tmp_path):
         manager.stop()
 
 
+def test_changed_base_path_keeps_serving_the_old_one_until_the_new_one_is_loaded(tmp_path):
+    export_toy_model(str(tmp_path / "a"), "toy", 1)
+    export_toy_model(str(tmp_path / "b"), "toy", 2)
+    manager = ModelManager(single_model_config("toy", f"{tmp_path}/a/toy"), poll_wait_seconds=0)
+    manager.start()
+    served_while_loading = []
+    load = manager._load
+
+    def load_and_look(model, version, status):
+        served_while_loading.append(manager.servable("toy").version)  # raises if nothing is served
+        load(model, version, status)
+
+    manager._load = load_and_look
+    try:
+        manager.reload_config(single_model_config("toy", f"{tmp_path}/b/toy"))
+        assert served_while_loading == [1]  # the old path answered while the new one loaded
+        assert manager.servable("toy").version == 2
+        assert dict(manager.status("toy")).keys() == {2}
+    finally:
+        manager.stop()
+
+
 def test_version_directory_removed_unloads_it(tmp_path):
     import shutil
 
