@@ -18,6 +18,7 @@ import dataclasses
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -92,6 +93,7 @@ class BatchScheduler:
         self.options = options
         self._on_batch = on_batch
         self._queues: dict[tuple[int, str], _Queue] = {}
+        self._unloaded = weakref.WeakSet()  # servables removed while requests may still hold them
         self._cond = threading.Condition()
         self._stopped = False
         self._next = 0
@@ -116,6 +118,7 @@ class BatchScheduler:
         """Forgets the queues of an unloaded servable: now if empty, else once drained (a queue
         kept would hold the unloaded model in memory)."""
         with self._cond:
+            self._unloaded.add(servable)
             for queue in self._queues.values():
                 if queue.servable is servable:
                     queue.retired = True
@@ -154,6 +157,9 @@ class BatchScheduler:
             queue = self._queues.get(key)
             if queue is None or queue.servable is not servable:
                 queue = self._queues[key] = _Queue(servable, sig)
+                # A request that resolved its servable just before the unload still runs on it;
+                # the queue made for it is then forgotten once drained, like the unloaded ones.
+                queue.retired = servable in self._unloaded
             if queue.rows + task.rows > self.options.max_enqueued_batches * self.options.max_batch_size:
                 raise errors.unavailable("The batch scheduling queue to which this task was submitted is full")
             queue.tasks.append(task)

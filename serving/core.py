@@ -40,12 +40,13 @@ class ServingCore:
         self.manager, self.batcher, self.metrics = manager, batcher, metrics or ServerMetrics()
 
     def predict(self, name: str, version: int | None, label: str | None, signature_name: str | None,
-                inputs: dict[str, np.ndarray], output_filter=(), strict_dtypes=False, timeout=None
-                ) -> tuple[Servable, Signature, dict[str, np.ndarray]]:
+                inputs: dict[str, np.ndarray], output_filter=(), strict_dtypes=False, timeout=None,
+                servable: Servable | None = None) -> tuple[Servable, Signature, dict[str, np.ndarray]]:
         """Runs one request. `inputs` may be a callable(signature) -> arrays, for front ends
         (REST JSON) that need the signature's dtypes to decode, resolved against the same
-        servable the request then runs on (no race with a version swap)."""
-        servable = self.manager.servable(name, version, label)
+        servable the request then runs on (no race with a version swap). `servable`, if given,
+        is the one a request with several parts (MultiInference) already resolved."""
+        servable = servable or self.manager.servable(name, version, label)
         sig = servable.signature(signature_name)
         if callable(inputs):
             inputs = inputs(sig)

@@ -32,8 +32,9 @@ def _answer(core, request, timeout, method, response, fill_result):
     return response
 
 
-def run(core: ServingCore, request, method: str, timeout=None):
-    """(servable, signature, outputs, number of examples) of a Classification/RegressionRequest."""
+def run(core: ServingCore, request, method: str, timeout=None, servable=None):
+    """(servable, signature, outputs, number of examples) of a Classification/RegressionRequest
+    (on `servable` if given, else on the one its model spec resolves to)."""
     name, version, label = spec_args(request.model_spec)
     kind = method.rsplit("/", 1)[-1]
     examples = _serialized_examples(request.input)
@@ -47,7 +48,7 @@ def run(core: ServingCore, request, method: str, timeout=None):
         return {key: np.array(examples, dtype=object) for key in sig.inputs}
 
     servable, sig, outputs = core.predict(name, version, label, request.model_spec.signature_name or None, inputs,
-                                          timeout=timeout)
+                                          timeout=timeout, servable=servable)
     return servable, sig, outputs, len(examples)
 
 

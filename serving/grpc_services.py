@@ -131,14 +131,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             seen.add(signature_name)
             if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
                 raise errors.unimplemented(f"Unsupported signature method_name: {task.method_name}")
-        version = None  # every task runs on the version the first one resolved, even mid-swap
+        servable = None  # every task runs on the servable the first one resolved, even if a swap unloads it
         for task in request.tasks:
             sub = classification_pb2.ClassificationRequest(model_spec=task.model_spec, input=request.input)
-            if version is not None:
-                sub.model_spec.version.value = version
             method = task.method_name
-            servable, sig, outputs, n = examples.run(self.core, sub, method, _timeout(context))
-            version = servable.version
+            servable, sig, outputs, n = examples.run(self.core, sub, method, _timeout(context), servable)
             result = response.results.add()
             fill_model_spec(result.model_spec, servable, sig.name)
             if method == CLASSIFY_METHOD:

@@ -7,12 +7,12 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import get_model_status_pb2, inference_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from serving.batching import BatchingOptions
 from serving.models import ModelManager, single_model_config
 from serving.server import ModelServer
-from serving.testing import ToyEncoder, export_toy_model, http_call, write_broken_version
+from serving.testing import ToyEncoder, export_example_model, export_toy_model, http_call, write_broken_version
 
 State = get_model_status_pb2.ModelVersionStatus.State
 IMAGES = np.random.default_rng(2).integers(0, 256, (4, 8, 8, 1)).astype(np.float32)
@@ -123,6 +123,44 @@ def test_changed_base_path_keeps_serving_the_old_one_until_the_new_one_is_loaded
         assert dict(manager.status("toy")).keys() == {2}
     finally:
         manager.stop()
+
+
+def test_multiinference_runs_every_task_on_one_version_when_a_swap_unloads_it_midway(tmp_path, monkeypatch):
+    from serving import grpc_services
+
+    base = str(tmp_path)
+    export_example_model(base, "examples", 1)
+    server = ModelServer(model_name="examples", model_base_path=f"{base}/examples", rest_port=None,
+                         file_system_poll_wait_seconds=0, batching=BatchingOptions(max_batch_size=8))
+    server.start()
+    run = grpc_services.examples.run
+    calls = []
+
+    def run_then_swap(*args):
+        answer = run(*args)
+        if not calls:  # between the two tasks, version 2 lands and version 1 is unloaded
+            export_example_model(base, "examples", 2)
+            server.manager.poll()
+        calls.append(answer[0].version)
+        return answer
+
+    monkeypatch.setattr(grpc_services.examples, "run", run_then_swap)
+    example = tf.train.Example()
+    example.features.feature["x"].float_list.value.extend([1.0, 2.0])
+    request = inference_pb2.MultiInferenceRequest(input={"example_list": {"examples": [example]}})
+    request.tasks.add(model_spec={"name": "examples"}, method_name="tensorflow/serving/classify")
+    request.tasks.add(model_spec={"name": "examples", "signature_name": "regress"},
+                      method_name="tensorflow/serving/regress")
+    try:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).MultiInference(request, timeout=30)
+        assert [result.model_spec.version.value for result in answer.results] == [1, 1]
+        assert answer.results[1].regression_result.regressions[0].value == pytest.approx(3.0)
+        assert server.manager.servable("examples").version == 2
+        # The queue made for the unloaded version's last task does not keep it in memory.
+        assert all(queue.servable.version == 2 for queue in server.batcher._queues.values())
+    finally:
+        server.stop()
 
 
 def test_version_directory_removed_unloads_it(tmp_path):
