@@ -268,6 +268,24 @@ def test_http_store_downloads_verifies_and_caches(http_root, encoder, images, tm
         f.endswith("encoder.keras") for _, _, fs in os.walk(tmp_path / "fresh_cache") for f in fs)
 
 
+def test_http_cache_gains_a_version_whole_never_half_downloaded(http_root, tmp_path):
+    """A model server may be polling the cached base path: a version dir appears with all its files."""
+    url, _ = http_root
+    store = HttpStore(url, cache_dir=str(tmp_path / "cache"))
+    version_dir = os.path.join(store.cache, "models", "tiny", "1")
+    get, seen = store._get, []
+
+    def get_and_look(relpath):
+        seen.append(os.path.exists(version_dir))
+        return get(relpath)
+
+    store._get = get_and_look
+    base = serving_base_path("tiny", store=store)
+    assert len(seen) > 2 and not any(seen)  # the index and every file came before the dir existed
+    assert os.path.exists(os.path.join(base, "1", "saved_model.pb"))
+    assert os.listdir(os.path.join(store.cache, "tmp")) == []  # nothing staged is left behind
+
+
 def test_unreachable_http_store_says_what_to_do(tmp_path):
     import socket
 

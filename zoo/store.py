@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import urllib.error
@@ -421,9 +422,32 @@ class HttpStore:
         return index
 
     def fetch(self, name: str, version: int, entry: dict) -> str:
-        """Downloads whatever of the entry is not in the cache yet; returns the cached directory."""
+        """Downloads whatever of the entry is not in the cache yet; returns the cached directory.
+
+        A version new to the cache is downloaded beside it and moved in whole, so a model
+        server polling the cached base path never sees (and fails to load) half a version.
+        """
         relative = entry_path(name, version)
         local = os.path.join(self.cache, relative)
+        if os.path.isdir(local):  # mended in place, file by file
+            self._download(relative, local, entry)
+            return local
+        staging = os.path.join(self.cache, STAGING_DIR, uuid.uuid4().hex)
+        try:
+            self._download(relative, staging, entry)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            try:
+                os.rename(staging, local)
+            except OSError:  # another process cached this version meanwhile: check and mend that copy
+                if not os.path.isdir(local):
+                    raise
+                self._download(relative, local, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return local
+
+    def _download(self, relative: str, local: str, entry: dict) -> None:
+        """Puts every file of the entry into `local`, downloading those missing or damaged there."""
         for relpath, expected in sorted(entry["files"].items()):
             path = os.path.join(local, safe_relpath(relpath))
             if os.path.exists(path) and hash_file(path) == expected:
@@ -439,7 +463,6 @@ class HttpStore:
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        return local
 
     def base_path(self, name: str, versions=None) -> str:
         """Downloads the given versions (default: all) and returns the cached TF Serving base path.
