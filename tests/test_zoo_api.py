@@ -85,6 +85,30 @@ def test_loaded_encoder_fine_tunes(run_dir, tmp_path):
     assert any(not np.allclose(a, w.numpy()) for a, w in zip(before, encoder.trainable_weights))
 
 
+def test_export_file_name_and_contents_are_one_version_when_a_publish_moves_latest(run_dir, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    store = str(tmp_path / "store")
+    zoo.publish(str(run_dir), name="simclr_tiny", store=store)
+    other = zoo.load("simclr_tiny", store=store)
+    other.set_weights([w + 0.5 for w in other.get_weights()])
+    info = zoo.info
+
+    def publish_then_info(*args, **kwargs):  # version 2 lands while the export is under way
+        if zoo.list_models(store=store)[0]["latest"] == 1:
+            zoo.publish(name="simclr_tiny", encoder=other, store=store)
+        return info(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "info", publish_then_info)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--store", store, "export", "simclr_tiny", "--format=saved_model"]) == 0
+    images = np.random.default_rng(1).uniform(0, 255, (2, *SHAPE)).astype("float32")
+    features = other(images, training=False).numpy()  # the file is named v2: it holds version 2
+    served = tf.saved_model.load("simclr_tiny_v2").signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(served["embedding"].numpy(), features / np.linalg.norm(features, axis=1, keepdims=True),
+                               atol=1e-5)
+
+
 def test_export_saved_model_and_onnx(run_dir, tmp_path, capsys):
     import tensorflow as tf
 

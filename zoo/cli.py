@@ -103,8 +103,8 @@ def _export(args) -> int:
     from zoo.index import parse_ref
 
     name, version = parse_ref(args.ref)
-    encoder = zoo.load(name, version, store=args.store)
-    number = zoo.info(name, version, store=args.store)["version"]
+    number = zoo.info(name, version, store=args.store)["version"]  # resolved once: a publish meanwhile
+    encoder = zoo.load(name, number, store=args.store)  # cannot make the file name and contents disagree
     suffix = ".onnx" if args.format == "onnx" else ""
     output = args.output or f"{name}_v{number}{suffix}"
     if os.path.exists(output):
