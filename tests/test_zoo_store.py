@@ -217,6 +217,27 @@ def test_failed_publish_leaves_the_store_unchanged(published, tmp_path):
     assert os.listdir(os.path.join(root, "tmp")) == []
 
 
+def test_object_store_publish_copies_saved_model_pb_last(monkeypatch):
+    """gs:// cannot rename a directory: until saved_model.pb lands, a polling server finds nothing to load."""
+    import tensorflow as tf
+
+    from zoo import store as store_module
+
+    src, dst = "ram://move_src", "ram://move_dst"
+    for relpath in ("saved_model.pb", "variables/variables.index", "variables/variables.data-00000-of-00001",
+                    "encoder.keras", "card.json"):
+        tf.io.gfile.makedirs(os.path.dirname(f"{src}/{relpath}"))
+        with tf.io.gfile.GFile(f"{src}/{relpath}", "w") as f:
+            f.write(relpath)
+    copied, copy = [], tf.io.gfile.copy
+    monkeypatch.setattr(tf.io.gfile, "copy", lambda a, b, *args: (copied.append(b), copy(a, b, *args)))
+    store_module._move_dir(src, dst)
+    assert len(copied) == 5 and copied[-1] == f"{dst}/saved_model.pb"
+    with tf.io.gfile.GFile(f"{dst}/variables/variables.index") as f:
+        assert f.read() == "variables/variables.index"
+    assert not tf.io.gfile.exists(src)
+
+
 def test_gfile_uri_store(encoder, images, tmp_path):
     root = "file://" + str(tmp_path / "gfile_store")
     assert zoo.publish(name="tiny", encoder=encoder, store=root) == "tiny:1"

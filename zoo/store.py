@@ -49,6 +49,7 @@ INDEX_FILENAME = "index.json"
 LOCK_FILENAME = "index.lock"
 MODELS_DIR = "models"
 STAGING_DIR = "tmp"
+SAVED_MODEL_FILENAME = "saved_model.pb"  # what a model server loads a version from
 DEFAULT_HOME = os.path.join("~", ".ssl_zoo")
 DEFAULT_CACHE = os.path.join("~", ".cache", "ssl_zoo")
 _SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -155,15 +156,19 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def _move_dir(src: str, dst: str) -> None:
-    """Renames when the filesystem can (local: atomic); else copies file by file, then deletes."""
+    """Renames when the filesystem can (local: atomic); else copies file by file, then deletes.
+
+    Object stores (gs://, s3://) cannot rename a directory, so the copy puts saved_model.pb
+    last: a model server polling the store finds no loadable version until every file is in.
+    """
     if _is_local(src) and _is_local(dst):
         os.rename(_local_path(src), _local_path(dst))
         return
-    for parent, _, names in tf.io.gfile.walk(src):
-        target_parent = dst + parent[len(src):]
-        tf.io.gfile.makedirs(target_parent)
-        for name in names:
-            tf.io.gfile.copy(_join(parent, name), _join(target_parent, name))
+    files = [_join(parent, name)[len(src.rstrip("/")) + 1:] for parent, _, names in tf.io.gfile.walk(src)
+             for name in names]
+    for relpath in sorted(files, key=lambda relpath: relpath == SAVED_MODEL_FILENAME):
+        tf.io.gfile.makedirs(os.path.dirname(_join(dst, relpath)))
+        tf.io.gfile.copy(_join(src, relpath), _join(dst, relpath))
     tf.io.gfile.rmtree(src)
 
 
