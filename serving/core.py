@@ -46,7 +46,8 @@ class ServingCore:
         (REST JSON) that need the signature's dtypes to decode, resolved against the same
         servable the request then runs on (no race with a version swap). `servable`, if given,
         is the one a request with several parts (MultiInference) already resolved."""
-        servable = servable or self.manager.servable(name, version, label)
+        if servable is None:
+            servable = self.manager.servable(name, version, label)
         sig = servable.signature(signature_name)
         if callable(inputs):
             inputs = inputs(sig)
