@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --strategies=default,mirrored2   # 2 logical CPU replicas
     python benchmarks/throughput.py --recipes=all --settings=fmnist  # the quality runs' heads
     python benchmarks/throughput.py --precisions=float32,mixed_bfloat16  # recipes.precision
+    python benchmarks/throughput.py --settings=fmnist --hparams=bn_splits=2  # one setting changed
 
 --settings=paper builds each recipe with its paper's defaults; --settings=fmnist with the
 hyperparameters of the Fashion-MNIST quality runs (benchmarks/fmnist_settings.py), whose
@@ -32,7 +33,8 @@ import time
 from absl import app, flags
 
 import fmnist_settings
-from recipes import train as _train_cli  # noqa: F401  (defines --width, --seed and --backbone_norm, reused here)
+from recipes.train import parse_hparams  # importing recipes.train defines --width, --seed, --backbone_norm and
+# --hparams, reused here
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("recipes", ["moco"], "Recipes to time ('all' for every registered one).")
@@ -87,6 +89,7 @@ def _time_configuration(recipe_name, backbone, batch_size, strategy_name):
             backbone = fmnist_settings.backbone(recipe_name)
         encoder = backbones.build(backbone, shape, FLAGS.width, norm=norm)
         hparams = fmnist_settings.hparams(recipe_name, epochs=1) if FLAGS.settings == "fmnist" else {}
+        hparams.update(parse_hparams(FLAGS.hparams))  # on top of --settings: to time one setting against another
         recipe = build_recipe(recipe_cls, encoder, hparams, FLAGS.seed, total_steps=total,
                               num_examples=FLAGS.dataset_size)
         recipe.compile(optimizer=make_optimizer("sgd", 0.01, 5e-4, total, 0))
@@ -110,7 +113,8 @@ def _time_configuration(recipe_name, backbone, batch_size, strategy_name):
         label_step = {"label_step_seconds": round(time.perf_counter() - started, 2)}
     return {"recipe": recipe_name, "backbone": backbone, "backbone_norm": norm,
             "width": FLAGS.width, "batch_size": batch_size,
-            "strategy": strategy_name, "settings": FLAGS.settings, "replicas": strategy.num_replicas_in_sync,
+            "strategy": strategy_name, "settings": FLAGS.settings, "hparams": parse_hparams(FLAGS.hparams),
+            "replicas": strategy.num_replicas_in_sync,
             "image_shape": list(shape), "steps": FLAGS.steps, "seconds_per_repeat": [round(s, 3) for s in seconds],
             "dataset_size": FLAGS.dataset_size, "images_per_sec": round(FLAGS.steps * batch_size / min(seconds), 1),
             **label_step}

@@ -1,6 +1,7 @@
 """The Fashion-MNIST quality runs' settings: every self-supervised recipe has them, they
 build (no misspelled hyperparameter), and the time budget scales with throughput."""
 
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,15 @@ def test_benchmark_script_imports_with_its_flags(script):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_throughput_hparams_change_the_timed_recipe(tmp_path):
+    """--hparams reaches the recipe timed: 3 BN groups cannot split a batch of 16."""
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "throughput.py"), "--recipes=moco",
+                             "--settings=fmnist", "--hparams=bn_splits=3", "--batch_sizes=16", "--warmup=1",
+                             "--steps=1", "--repeats=1", f"--out={out}"], capture_output=True, text=True,
+                            timeout=300, cwd=os.path.dirname(BENCHMARKS), env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert "3 BN groups" in row["error"]
