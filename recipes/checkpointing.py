@@ -93,15 +93,16 @@ class EpochCheckpoint:
         return os.path.join(self.manager.directory, NOTES_FILE)
 
     def _read_notes(self) -> dict:
-        return self._read_notes_in(self.manager.directory)
+        return read_notes(self.manager.directory)
 
-    @staticmethod
-    def _read_notes_in(directory) -> dict:
-        try:
-            with open(os.path.join(directory, NOTES_FILE)) as f:
-                return json.load(f)
-        except (OSError, ValueError):  # none yet, or checkpoints from before notes existed
-            return {}
+
+def read_notes(directory) -> dict:
+    """The notes of each kept checkpoint in `directory`, by checkpoint number (a string)."""
+    try:
+        with open(os.path.join(directory, NOTES_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or checkpoints from before notes existed
+        return {}
 
 
 def build_optimizer(model):
@@ -125,7 +126,7 @@ def resume(model, directory, unit="epoch") -> tuple[EpochCheckpoint, int]:
 def noted_wall_time(directory) -> float | None:
     """The training time of all sessions that the newest checkpoint in `directory` noted
     (SaveEveryEpoch, SaveEverySteps), or None if there is none."""
-    notes = EpochCheckpoint._read_notes_in(directory)
+    notes = read_notes(directory)
     newest = max(notes, key=int, default=None)
     return None if newest is None else notes[newest].get("wall_time_s")
 
